@@ -255,8 +255,8 @@ def test_policy_loss_matches_loop_and_accumulates(
         total_loss += loss.item()
         parts.append(metrics)
     got = sum_metrics(parts)
-    assert total_loss == pytest.approx(float(want), abs=1e-6)
-    assert got["loss"] == pytest.approx(float(want), abs=1e-6)
+    assert total_loss == pytest.approx(want.item(), abs=1e-6)
+    assert got["loss"] == pytest.approx(want.item(), abs=1e-6)
     assert torch.isfinite(lp.grad).all()
     torch.testing.assert_close(lp.grad, naive_lp.grad, atol=1e-6, rtol=0)
     assert float(lp.grad[~mask.bool()].abs().max()) == 0.0
@@ -277,7 +277,7 @@ def test_on_policy_gradient_is_advantage_weighted() -> None:
     loss.backward()
     want_grad = -b["adv"].unsqueeze(1) * b["mask"].to(F64) / tokens
     torch.testing.assert_close(lp.grad, want_grad, atol=1e-12, rtol=0)
-    assert float(loss) == pytest.approx(float(-(b["adv"] * b["mask"].sum(1)).sum() / tokens), abs=1e-12)
+    assert loss.item() == pytest.approx(float(-(b["adv"] * b["mask"].sum(1)).sum() / tokens), abs=1e-12)
     assert metrics["clip_ratio/region_mean"] == 0
 
 
