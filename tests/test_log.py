@@ -1,0 +1,170 @@
+"""log.py and `tinyr1 report`: JSON lines, resume truncation, plots, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from tinyr1.cli import main
+from tinyr1.errors import CheckpointError, TinyR1Error
+from tinyr1.log import (
+    RunLogger,
+    format_bytes,
+    peak_memory_bytes,
+    plot_run,
+    read_eval,
+    read_metrics,
+)
+
+
+def quiet_console() -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=200, force_terminal=False), buf
+
+
+def step_metrics(i: int) -> dict[str, object]:
+    return {
+        "reward": torch.tensor(0.1 * i),
+        "reward_std": 0.5,
+        "rewards/r1/mean": 0.1 * i,
+        "rewards/accuracy/mean": min(1.0, 0.05 * i),
+        "completions/mean_length": 100.0 - i,
+        "kl": 0.001 * i,
+        "step_time": 2.5,
+        "time/rollout": 1.5,
+        "time/update": 1.0,
+        "memory/peak_bytes": 3 * 1024**3,
+    }
+
+
+def write_run(run_dir: Path, steps: int, **kw: object) -> None:
+    console, _ = quiet_console()
+    with RunLogger(run_dir, steps, completions_every=2, num_completions=2, console=console, **kw) as log:  # type: ignore[arg-type]
+        for i in range(kw.get("start_step", 0), steps):  # type: ignore[arg-type]
+            log.log_step(i, step_metrics(i))
+
+
+def test_log_step_writes_one_json_line_per_step(tmp_path: Path) -> None:
+    console, buf = quiet_console()
+    with RunLogger(tmp_path, 3, completions_every=0, num_completions=0, console=console) as log:
+        log.log_step(0, step_metrics(0))
+        log.log_step(1, {**step_metrics(1), "kl": float("nan"), "entropy": torch.tensor(float("inf"))})
+        # flushed at once: readable while the run is still going
+        assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    raw = [json.loads(line) for line in lines]  # standard JSON: no NaN literals
+    assert [r["step"] for r in raw] == [0, 1]
+    assert raw[1]["kl"] is None and raw[1]["entropy"] is None
+    assert raw[1]["reward"] == pytest.approx(0.1)
+    rows = read_metrics(tmp_path)
+    assert math.isnan(rows[1]["kl"]) and rows[0]["kl"] == 0.0
+    assert rows[1]["rewards/accuracy/mean"] == pytest.approx(0.05)
+    out = buf.getvalue()
+    assert "step 2/3" in out and "reward 0.100" in out and "acc 0.050" in out
+    assert "rollout 1.5 + update 1.0" in out and "peak 3.00 GiB" in out and "ETA" in out
+
+
+def test_live_progress_on_a_terminal(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=200)
+    with RunLogger(tmp_path, 4, completions_every=0, num_completions=0, console=console, start_step=1) as log:
+        log.log_step(1, step_metrics(1))
+        log.note("skipped step 3: NaN in rewards")
+        log.log_step(2, step_metrics(2))
+    out = buf.getvalue()
+    assert "step 3/4" in out and "skipped step 3" in out and "━" in out  # the bar was drawn
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_resume_truncates_later_steps(tmp_path: Path) -> None:
+    write_run(tmp_path, 6)  # steps 0..5 written
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "rew')  # killed mid-write
+    console, _ = quiet_console()
+    with RunLogger(tmp_path, 8, completions_every=1, num_completions=1, console=console, start_step=4) as log:
+        assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+        for i in range(4, 8):
+            log.log_step(i, step_metrics(i))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(8))
+    assert rows[5]["completions/mean_length"] == 95.0
+
+
+def test_completions_every_n_steps_and_resume(tmp_path: Path) -> None:
+    console, _ = quiet_console()
+    sample = {"prompt_id": "q1", "completion": "<think>é</think>", "rewards": {"r1": 1.5}, "advantage": 0.7}
+    with RunLogger(tmp_path, 6, completions_every=2, num_completions=2, console=console) as log:
+        written = [log.log_completions(i, [sample] * 3) for i in range(6)]
+    assert written == [2, 0, 2, 0, 2, 0]
+    rows = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows] == [0, 0, 2, 2, 4, 4]
+    assert rows[0]["completion"] == "<think>é</think>" and rows[0]["rewards"] == {"r1": 1.5}
+    with RunLogger(tmp_path, 6, completions_every=2, num_completions=2, console=console, start_step=2):
+        pass
+    steps = [json.loads(x)["step"] for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert steps == [0, 0]
+
+
+def test_broken_middle_line_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward": 1}\nnot json\n{"step": 2, "reward": 1}\n')
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl:2"):
+        read_metrics(tmp_path)
+
+
+def test_missing_run_dir_or_metrics_is_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TinyR1Error, match="no metrics.jsonl"):
+        read_metrics(tmp_path)
+    with pytest.raises(TinyR1Error, match="no such run directory"):
+        read_metrics(tmp_path / "nope")
+
+
+def test_plot_writes_png_with_and_without_metrics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run(run, 40)
+    console, _ = quiet_console()
+    with RunLogger(run, 40, completions_every=0, num_completions=0, console=console, start_step=40) as log:
+        log.log_eval(19, {"accuracy": 0.4})
+        log.log_eval(39, {"accuracy": 0.55})
+    assert [r["step"] for r in read_eval(run)] == [19, 39]
+    png = plot_run(run)
+    assert png == run / "curves.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+    sparse = tmp_path / "sparse"  # only reward: the other panels say "not logged"
+    sparse.mkdir()
+    (sparse / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "reward": i / 3}) + "\n" for i in range(3))
+    )
+    out = plot_run(sparse, tmp_path / "figs" / "sparse.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_cli_prints_table_and_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path, 12)
+    out = tmp_path / "report.png"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rewards/accuracy/mean" in text and "completions/mean_length" in text
+    assert "1.100" in text  # last reward (step 11) and its best
+    assert out.stat().st_size > 10_000
+
+
+def test_report_cli_without_metrics_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "no metrics.jsonl" in err and "Traceback" not in err
+
+
+def test_memory_and_bytes_helpers() -> None:
+    peak = peak_memory_bytes("cpu")
+    assert 10 * 1024**2 < peak < 1024**4  # this python process with torch loaded
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(3 * 1024**3) == "3.00 GiB"

@@ -1,0 +1,391 @@
+"""Run logging: a rich live progress line, metrics.jsonl, completions.jsonl, eval.jsonl and plots.
+
+Everything a run reports lands as JSON lines in the run directory, readable without wandb
+(TRL #2948): one line per step in `metrics.jsonl` with TRL's metric names (`reward`, `reward_std`,
+`frac_reward_zero_std`, `rewards/{name}/mean`, `completions/mean_length`,
+`completions/clipped_ratio`, `kl`, `entropy`, `clip_ratio/region_mean`, `step_time`, ...).
+
+Steps are 0-based indices: `log_step(i, ...)` reports the i-th optimizer step, and a run resumed
+with `start_step=k` (k steps already done) drops every line with `step >= k` so that nothing is
+duplicated. Non-finite values are written as JSON `null` (standard JSON; jq and pandas read it)
+and read back as NaN.
+
+The live line reads these keys when present (others are only written): `reward`, `accuracy` or
+`rewards/accuracy/mean`, `completions/mean_length`, `kl`, `step_time` with its split
+`time/rollout` + `time/update`, and `memory/peak_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+from tinyr1.errors import CheckpointError
+
+METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
+EVAL_FILE = "eval.jsonl"
+STEP_TIME = "step_time"
+ROLLOUT_TIME = "time/rollout"
+UPDATE_TIME = "time/update"
+PEAK_MEMORY = "memory/peak_bytes"
+ACCURACY_KEYS = ("rewards/accuracy/mean", "accuracy")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def peak_memory_bytes(device: Any) -> int:
+    """Peak memory of this process on `device`: CUDA max_memory_allocated, else peak RSS."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: 1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _to_json_value(value: Any) -> Any:
+    """Tensors, numpy scalars and floats -> plain JSON numbers; NaN/inf -> null."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _to_json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json_value(v) for v in value]
+    return _to_json_value(float(value))
+
+
+def _from_json_value(value: Any) -> Any:
+    return float("nan") if value is None else value
+
+
+def _read_jsonl(path: Path, *, strict: bool) -> list[dict[str, Any]]:
+    """Parse a JSON-lines file. A broken *last* line (a run killed mid-write) is dropped; a broken
+    line elsewhere is an error when `strict`, else dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as err:
+            if lineno == len(lines) or not strict:
+                continue
+            raise CheckpointError(
+                f"{path}:{lineno}: unreadable line ({err}). The file is written by `tinyr1 train`; "
+                "delete the broken line (or the run directory) and try again."
+            ) from err
+        rows.append({k: _from_json_value(v) for k, v in row.items()})
+    return rows
+
+
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Keep only complete lines with step < start_step; atomic (temp file + rename)."""
+    if not path.exists():
+        return
+    kept = [r for r in _read_jsonl(path, strict=False) if r["step"] < start_step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in kept:
+            f.write(json.dumps(_to_json_value(row)) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The rows of RUN_DIR/metrics.jsonl, in file order; NaN where a value was not finite."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory. Pass the folder that `tinyr1 train` wrote.")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir}: no {METRICS_FILE} here, so this is not a tinyr1 run directory (or no step has "
+            "finished yet). Pass the run folder given to `tinyr1 train` (it holds metrics.jsonl)."
+        )
+    return _read_jsonl(path, strict=True)
+
+
+def read_eval(run_dir: Path | str) -> list[dict[str, Any]]:
+    """Rows of RUN_DIR/eval.jsonl (step, accuracy, ...) or [] when there is none."""
+    path = Path(run_dir) / EVAL_FILE
+    return _read_jsonl(path, strict=True) if path.is_file() else []
+
+
+def accuracy_of(row: dict[str, Any]) -> float | None:
+    for key in ACCURACY_KEYS:
+        if key in row:
+            return float(row[key])
+    return None
+
+
+# ----------------------------------------------------------------------------- the logger
+
+
+class RunLogger:
+    """Writes a run's JSON-lines files and shows a live progress line.
+
+    Use as a context manager around the training loop; every write is flushed at once so a run
+    killed at any moment keeps all finished steps.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        *,
+        completions_every: int,
+        num_completions: int,
+        console: Console | None = None,
+        start_step: int = 0,
+        enabled_progress: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.completions_every = completions_every
+        self.num_completions = num_completions
+        self.console = console if console is not None else Console()
+        self.start_step = start_step
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, COMPLETIONS_FILE, EVAL_FILE):
+            _truncate_jsonl(self.run_dir / name, start_step)
+        self._metrics_f = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self._durations: list[float] = []
+        self._last_time = time.monotonic()
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        if enabled_progress:
+            self._progress = Progress(
+                TextColumn("[bold]step {task.completed}/{task.total}"),
+                BarColumn(bar_width=24),
+                TextColumn("{task.fields[eta]}"),
+                TextColumn("{task.fields[stats]}"),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task(
+                "grpo", total=total_steps, completed=start_step, eta="", stats=""
+            )
+            self._progress.start()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if not self._metrics_f.closed:
+            self._metrics_f.close()
+
+    # -- writing ------------------------------------------------------------------
+
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append one line `{"step": step, **metrics}` to metrics.jsonl and update the display."""
+        now = time.monotonic()
+        duration = metrics.get(STEP_TIME)
+        self._durations.append(float(duration) if duration is not None else now - self._last_time)
+        self._last_time = now
+        row = {"step": int(step), **{k: _to_json_value(v) for k, v in metrics.items()}}
+        self._metrics_f.write(json.dumps(row) + "\n")
+        self._metrics_f.flush()
+        stats = self.summary(metrics)
+        recent = self._durations[-20:]
+        remaining = max(self.total_steps - (step + 1), 0)
+        eta = f"ETA {format_duration(sum(recent) / len(recent) * remaining)}"
+        self.console.print(
+            f"step {step + 1}/{self.total_steps} · {eta} · {stats}", highlight=False, markup=False
+        )
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=step + 1, eta=eta, stats=stats)
+            self._progress.refresh()
+
+    def note(self, message: str) -> None:
+        """Print a line above the live progress (e.g. a skipped step); print through this, not print()."""
+        self.console.print(message, highlight=False, markup=False)
+
+    def wants_completions(self, step: int) -> bool:
+        """Whether `log_completions` will write at this step (so the trainer can skip decoding)."""
+        return self.completions_every > 0 and self.num_completions > 0 and step % self.completions_every == 0
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> int:
+        """Write the first `num_completions` rows (prompt id, completion, rewards, advantage, ...) to
+        completions.jsonl when `wants_completions(step)`; returns how many were written."""
+        if not self.wants_completions(step):
+            return 0
+        chosen = rows[: self.num_completions]
+        with (self.run_dir / COMPLETIONS_FILE).open("a", encoding="utf-8") as f:
+            for row in chosen:
+                f.write(json.dumps({"step": int(step), **_to_json_value(row)}, ensure_ascii=False) + "\n")
+        return len(chosen)
+
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append an evaluation result (e.g. `accuracy`) to eval.jsonl; `tinyr1 report` plots it."""
+        with (self.run_dir / EVAL_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), **_to_json_value(metrics)}) + "\n")
+        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        self.console.print(f"eval at step {step + 1}: {parts}", highlight=False, markup=False)
+
+    @staticmethod
+    def summary(metrics: dict[str, Any]) -> str:
+        """The one-line human summary of a step's metrics."""
+        parts: list[str] = []
+        if "reward" in metrics:
+            parts.append(f"reward {_fmt(metrics['reward'])}")
+        acc = accuracy_of({k: _num(v) for k, v in metrics.items() if k in ACCURACY_KEYS})
+        if acc is not None:
+            parts.append(f"acc {acc:.3f}")
+        if "completions/mean_length" in metrics:
+            parts.append(f"len {_num(metrics['completions/mean_length']):.0f}")
+        if "kl" in metrics:
+            parts.append(f"kl {_fmt(metrics['kl'])}")
+        if STEP_TIME in metrics:
+            t = f"{_num(metrics[STEP_TIME]):.1f} s/step"
+            if ROLLOUT_TIME in metrics and UPDATE_TIME in metrics:
+                t += f" (rollout {_num(metrics[ROLLOUT_TIME]):.1f} + update {_num(metrics[UPDATE_TIME]):.1f})"
+            parts.append(t)
+        if PEAK_MEMORY in metrics:
+            parts.append(f"peak {format_bytes(_num(metrics[PEAK_MEMORY]))}")
+        return " · ".join(parts)
+
+
+def _num(value: Any) -> float:
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def _fmt(value: Any) -> str:
+    v = _num(value)
+    return f"{v:.4g}" if abs(v) < 0.01 and v != 0 else f"{v:.3f}"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], float(r[key])) for r in rows if key in r and isinstance(r[key], int | float)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Trailing moving average over ~5% of the run: RL curves are noisy step to step."""
+    window = max(1, len(values) // 20)
+    out, acc, buf = [], 0.0, []
+    for v in values:
+        buf.append(v)
+        acc += v
+        if len(buf) > window:
+            acc -= buf.pop(0)
+        out.append(acc / len(buf))
+    return out
+
+
+def _draw(ax: Any, rows: list[dict[str, Any]], keys: list[str], title: str) -> bool:
+    drawn = False
+    for key in keys:
+        steps, values = _series(rows, key)
+        if not steps:
+            continue
+        xs = [s + 1 for s in steps]
+        if len(values) > 20:
+            line = ax.plot(xs, values, alpha=0.3, linewidth=0.8)[0]
+            ax.plot(xs, _smooth(values), color=line.get_color(), linewidth=1.8, label=key)
+        else:
+            ax.plot(xs, values, marker="o", markersize=3, label=key)
+        drawn = True
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    return drawn
+
+
+def _not_logged(ax: Any, title: str, what: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, f"not logged\n({what})", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_run(run_dir: Path | str, out_png: Path | str | None = None) -> Path:
+    """Draw reward, accuracy, completion length and KL curves of a run to a PNG; returns its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    evals = read_eval(run_dir)
+    out = Path(out_png) if out_png is not None else run_dir / "curves.png"
+    fig = Figure(figsize=(11, 7.5), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    keys = sorted({k for r in rows for k in r})
+
+    reward_keys = ["reward"] + [k for k in keys if k.startswith("rewards/") and k.endswith("/mean")]
+    if _draw(axes[0, 0], rows, reward_keys, "reward"):
+        axes[0, 0].legend(fontsize=7)
+    else:
+        _not_logged(axes[0, 0], "reward", "reward")
+
+    acc_key = next((k for k in ACCURACY_KEYS if k in keys), None)
+    ax = axes[0, 1]
+    drawn = _draw(ax, rows, [acc_key], "accuracy") if acc_key else False
+    eval_steps, eval_acc = _series(evals, "accuracy")
+    if eval_steps:
+        ax.plot([s + 1 for s in eval_steps], eval_acc, "s--", color="black", label="eval accuracy")
+        ax.set_title("accuracy")
+        drawn = True
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        _not_logged(ax, "accuracy", " or ".join(ACCURACY_KEYS))
+
+    if not _draw(axes[1, 0], rows, ["completions/mean_length"], "completion length (tokens)"):
+        _not_logged(axes[1, 0], "completion length", "completions/mean_length")
+    if not _draw(axes[1, 1], rows, ["kl"], "KL to reference"):
+        _not_logged(axes[1, 1], "KL to reference", "kl; beta = 0 runs have no reference")
+
+    fig.suptitle(f"{run_dir.resolve().name}: {len(rows)} steps")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
