@@ -42,15 +42,31 @@ def _f(default: Any = None, help: str = "", *, factory: Any = None, **check: Any
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = _f("Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16", "checkpoint folder in the original TinyLLaVA-Video layout, or a hub id", nonempty=True)
+    path: str = _f(
+        "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16",
+        "checkpoint folder in the original TinyLLaVA-Video layout, or a hub id",
+        nonempty=True,
+    )
     synth: bool = _f(False, "create a tiny random checkpoint at `path` when it is missing (the CPU demo)")
-    quant: Literal["nf4", "none"] = _f("nf4", "LLM weights: nf4 = 4-bit QLoRA base (bitsandbytes), none = dtype weights")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f("auto", "compute dtype; auto = bf16 on CUDA, fp32 on CPU")
+    quant: Literal["nf4", "none"] = _f(
+        "nf4", "LLM weights: nf4 = 4-bit QLoRA base (bitsandbytes), none = dtype weights"
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "compute dtype; auto = bf16 on CUDA, fp32 on CPU"
+    )
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel of the LLM and vision tower")
-    gradient_checkpointing: bool = _f(True, "recompute LLM activations in the backward pass (less memory, ~30% slower)")
-    train_connector: bool = _f(True, "also train the connector (full weights) besides the LoRA adapters, as the paper")
-    kernels: Literal["auto", "triton", "torch"] = _f("auto", "fused log-prob kernel: triton on CUDA, torch reference; auto picks")
-    liger: Literal["auto", "on", "off"] = _f("auto", "Liger RMSNorm/RoPE/SwiGLU kernels in the LLM; auto = on when CUDA + liger-kernel")
+    gradient_checkpointing: bool = _f(
+        True, "recompute LLM activations in the backward pass (less memory, ~30% slower)"
+    )
+    train_connector: bool = _f(
+        True, "also train the connector (full weights) besides the LoRA adapters, as the paper"
+    )
+    kernels: Literal["auto", "triton", "torch"] = _f(
+        "auto", "fused log-prob kernel: triton on CUDA, torch reference; auto picks"
+    )
+    liger: Literal["auto", "on", "off"] = _f(
+        "auto", "Liger RMSNorm/RoPE/SwiGLU kernels in the LLM; auto = on when CUDA + liger-kernel"
+    )
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "where to run; auto = cuda when available, else cpu")
 
 
@@ -63,18 +79,37 @@ class LoraConfig:
     r: int = _f(16, "LoRA rank", ge=1)
     alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)", gt=0)
     dropout: float = _f(0.05, "dropout on the LoRA input", ge=0, lt=1)
-    target_modules: list[str] = _f(help="LLM linear layers that get adapters (names inside each Qwen2 layer)", factory=_all_linear, nonempty=True)
+    target_modules: list[str] = _f(
+        help="LLM linear layers that get adapters (names inside each Qwen2 layer)",
+        factory=_all_linear,
+        nonempty=True,
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str | None = _f(None, "GRPO training set (JSONL/JSON: R1 problem/solution rows, LLaVA or generic); paths are relative to the working dir")
+    train: str | None = _f(
+        None,
+        "GRPO training set (JSONL/JSON: R1 problem/solution rows, LLaVA or generic); paths are relative to the working dir",
+    )
     eval: str | None = _f(None, "held-out set for evaluation during/after training; none = no evaluation")
     coldstart: str | None = _f(None, "cold-start SFT set (LLaVA-style JSON with <think>/<answer> answers)")
-    video_root: str | None = _f(None, "folder that relative video paths in the data are resolved against; none = the data file's folder")
-    format: Literal["auto", "r1", "llava", "generic"] = _f("auto", "row format of the data files; auto detects from the first row")
-    max_bad_fraction: float = _f(0.05, "abort when more than this fraction of samples is unreadable (bad rows/videos are skipped and counted)", ge=0, le=1)
-    synth: bool = _f(False, "write a synthetic video QA set at data.train/eval/coldstart when missing (the CPU demo)")
+    video_root: str | None = _f(
+        None,
+        "folder that relative video paths in the data are resolved against; none = the data file's folder",
+    )
+    format: Literal["auto", "r1", "llava", "generic"] = _f(
+        "auto", "row format of the data files; auto detects from the first row"
+    )
+    max_bad_fraction: float = _f(
+        0.05,
+        "abort when more than this fraction of samples is unreadable (bad rows/videos are skipped and counted)",
+        ge=0,
+        le=1,
+    )
+    synth: bool = _f(
+        False, "write a synthetic video QA set at data.train/eval/coldstart when missing (the CPU demo)"
+    )
     synth_n: int = _f(2000, "synthetic training samples", ge=1)
     synth_eval_n: int = _f(500, "synthetic held-out samples", ge=0)
     synth_seed: int = _f(0, "seed of the synthetic data (independent of train.seed)", ge=0)
@@ -82,40 +117,67 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class VideoConfig:
-    num_frames: int = _f(16, "frames sampled uniformly per video (np.linspace over all frames) when fps is none", ge=1)
-    fps: float | None = _f(None, "sample at this rate instead, capped at max_frames; none = uniform num_frames", gt=0)
+    num_frames: int = _f(
+        16, "frames sampled uniformly per video (np.linspace over all frames) when fps is none", ge=1
+    )
+    fps: float | None = _f(
+        None, "sample at this rate instead, capped at max_frames; none = uniform num_frames", gt=0
+    )
     max_frames: int = _f(16, "upper bound on frames per video", ge=1)
-    image_size: int | None = _f(None, "square frame size fed to the vision tower; none = from the checkpoint (384)", ge=1)
+    image_size: int | None = _f(
+        None, "square frame size fed to the vision tower; none = from the checkpoint (384)", ge=1
+    )
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    num_generations: int = _f(8, "G: completions sampled per prompt (the group)", ge=2, why="the advantage divides by the group's std")
+    num_generations: int = _f(
+        8,
+        "G: completions sampled per prompt (the group)",
+        ge=2,
+        why="the advantage divides by the group's std",
+    )
     max_new_tokens: int = _f(512, "longest completion; longer ones are truncated", ge=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_p: float = _f(1.0, "nucleus sampling threshold (1 = off)", gt=0, le=1)
     top_k: int = _f(50, "sample among the k most likely tokens (0 = off)", ge=0)
-    prompts_per_step: int = _f(8, "prompts (videos + questions) per GRPO step; completions per step = prompts_per_step * G", ge=1)
+    prompts_per_step: int = _f(
+        8, "prompts (videos + questions) per GRPO step; completions per step = prompts_per_step * G", ge=1
+    )
 
 
 @dataclass(frozen=True)
 class GrpoConfig:
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = _f("grpo", "token aggregation: grpo = mean per sequence then over sequences; bnpo/dapo = over all tokens; dr_grpo = / (G * max_new_tokens)")
-    beta: float = _f(0.01, "KL coefficient vs. the adapters-off reference (k3 estimator); 0 = no reference forward", ge=0)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = _f(
+        "grpo",
+        "token aggregation: grpo = mean per sequence then over sequences; bnpo/dapo = over all tokens; dr_grpo = / (G * max_new_tokens)",
+    )
+    beta: float = _f(
+        0.01, "KL coefficient vs. the adapters-off reference (k3 estimator); 0 = no reference forward", ge=0
+    )
     epsilon: float = _f(0.2, "lower clip range of the ratio (acts only when num_iterations > 1)", gt=0, lt=1)
     epsilon_high: float | None = _f(None, "upper clip range (DAPO clip-higher); none = epsilon", gt=0)
     num_iterations: int = _f(1, "policy updates per rollout batch (1 = on-policy, ratio is 1)", ge=1)
-    scale_rewards: Literal["group", "batch", "none"] = _f("group", "advantage = (R - mean_G) / (std + 1e-4) with std of the group, the batch, or not scaled")
-    noise_std: float = _f(0.02, "std of Gaussian noise added to advantages (keeps zero-variance groups moving)", ge=0)
+    scale_rewards: Literal["group", "batch", "none"] = _f(
+        "group", "advantage = (R - mean_G) / (std + 1e-4) with std of the group, the batch, or not scaled"
+    )
+    noise_std: float = _f(
+        0.02, "std of Gaussian noise added to advantages (keeps zero-variance groups moving)", ge=0
+    )
     mask_truncated_completions: bool = _f(False, "drop completions that hit max_new_tokens from the loss")
-    kl_clamp: float | None = _f(None, "clamp the per-token KL to [-kl_clamp, kl_clamp]; none = no clamp", gt=0)
+    kl_clamp: float | None = _f(
+        None, "clamp the per-token KL to [-kl_clamp, kl_clamp]; none = no clamp", gt=0
+    )
 
 
 @dataclass(frozen=True)
 class RewardsConfig:
     """The [rewards] table is the weights mapping itself: `name = weight`, e.g. `r1 = 1.0`."""
 
-    weights: dict[str, float] = _f(help="reward name (built-in, or \"module:function\") -> weight; the whole [rewards] table; weight 0 = logged only", factory=lambda: {"r1": 1.0})
+    weights: dict[str, float] = _f(
+        help='reward name (built-in, or "module:function") -> weight; the whole [rewards] table; weight 0 = logged only',
+        factory=lambda: {"r1": 1.0},
+    )
 
 
 @dataclass(frozen=True)
@@ -136,9 +198,13 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     micro_batch_size: int = _f(4, "completions per forward/backward in the update (memory knob)", ge=1)
-    optimizer: Literal["paged_adamw8bit", "adamw8bit", "adamw"] = _f("paged_adamw8bit", "optimizer; the 8-bit ones keep state in bitsandbytes blockwise 8-bit")
+    optimizer: Literal["paged_adamw8bit", "adamw8bit", "adamw"] = _f(
+        "paged_adamw8bit", "optimizer; the 8-bit ones keep state in bitsandbytes blockwise 8-bit"
+    )
     seed: int = _f(0, "seed of sampling, noise and data order", ge=0)
-    output_dir: str = _f("runs/{preset}-{time}", "run folder; {preset} and {time} are filled in at start", nonempty=True)
+    output_dir: str = _f(
+        "runs/{preset}-{time}", "run folder; {preset} and {time} are filled in at start", nonempty=True
+    )
     save_every: int = _f(50, "checkpoint every N steps (0 = only at the end)", ge=0)
     eval_every: int = _f(0, "evaluate on data.eval every N steps (0 = only at the end)", ge=0)
     eval_limit: int | None = _f(None, "evaluate on at most this many samples; none = all", ge=1)
@@ -147,7 +213,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LogConfig:
     every: int = _f(1, "write metrics every N steps", ge=1)
-    completions_every: int = _f(10, "write sample completions to completions.jsonl every N steps (0 = never)", ge=0)
+    completions_every: int = _f(
+        10, "write sample completions to completions.jsonl every N steps (0 = never)", ge=0
+    )
     num_completions: int = _f(4, "completions written each time", ge=0)
     progress: bool = _f(True, "show a rich progress bar")
 
@@ -262,6 +330,8 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any],
         merged, origins = _load_raw(_resolve_source(base, path.parent), (*chain, path.resolve()))
         merged.pop("preset", None)
         merged.pop("description", None)
+        for name in TABLE_FIELDS:  # a child's [rewards] adds to what it inherits, default included
+            merged.setdefault(name, dict(getattr(SECTIONS[name](), TABLE_FIELDS[name])))
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
@@ -315,7 +385,9 @@ def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Conf
     name = preset_or_path if is_preset else path.stem if path.name != "config.toml" else path.parent.name
     problems = parse_overrides(overrides or [], data, origins)
     label = _show_path(path) + (" + --set" if overrides else "")
-    return build_config(data, origins, default_name=str(data.get("preset", name)), label=label, problems=problems)
+    return build_config(
+        data, origins, default_name=str(data.get("preset", name)), label=label, problems=problems
+    )
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -325,7 +397,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     data = config_to_dict(cfg)
     origins: Origins = {}
     problems = parse_overrides(overrides, data, origins)
-    return build_config(data, origins, default_name=cfg.preset, label=f"{cfg.preset} + --set", problems=problems)
+    return build_config(
+        data,
+        origins,
+        default_name=cfg.preset,
+        label=cfg.preset + (" + --set" if overrides else ""),
+        problems=problems,
+    )
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -341,7 +419,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else dict(value) if isinstance(value, dict) else value
+    return (
+        list(value) if isinstance(value, (list, tuple)) else dict(value) if isinstance(value, dict) else value
+    )
 
 
 def resolve_output_dir(cfg: Config, now: datetime | None = None) -> Config:

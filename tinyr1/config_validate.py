@@ -63,7 +63,9 @@ def coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     for m in _members(tp):
         origin = typing.get_origin(m)
         if m is type(None):
-            if value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS and str not in _members(tp)):
+            if value is None or (
+                isinstance(value, str) and value.lower() in _NONE_WORDS and str not in _members(tp)
+            ):
                 return True, None
         elif origin is Literal:
             if isinstance(value, str):  # membership is a value check, reported separately
@@ -149,6 +151,8 @@ def parse_overrides(overrides: list[str], data: dict[str, Any], origins: Origins
             tp = typing.get_args(hints[TABLE_FIELDS[section]])[1]
         else:
             tp = hints.get(name, str)
+        if section in TABLE_FIELDS and section not in data:  # --set rewards.x=w adds to the defaults
+            data[section] = dict(getattr(cls(), TABLE_FIELDS[section]))
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
             data[section] = target = {}
@@ -190,7 +194,9 @@ def _build_section(name: str, raw: Any, origins: Origins, problems: list[str], b
     """One section dataclass from its raw table; bad entries are reported and left at their default."""
     cls = SECTIONS[name]
     if not isinstance(raw, dict):
-        problems.append(f"{origins.get(('', name), name)}: '{name}' must be a table (a section), got {_describe(raw)}")
+        problems.append(
+            f"{origins.get(('', name), name)}: '{name}' must be a table (a section), got {_describe(raw)}"
+        )
         return cls()
     if name in TABLE_FIELDS:
         return _build_table_section(name, raw, origins, problems, bad)
@@ -219,7 +225,9 @@ def _build_section(name: str, raw: Any, origins: Origins, problems: list[str], b
     return cls(**kwargs)
 
 
-def _build_table_section(name: str, raw: dict[str, Any], origins: Origins, problems: list[str], bad: set[str]) -> Any:
+def _build_table_section(
+    name: str, raw: dict[str, Any], origins: Origins, problems: list[str], bad: set[str]
+) -> Any:
     """A section that is one mapping (rewards: name -> weight); each entry is checked on its own."""
     cls = SECTIONS[name]
     fname = TABLE_FIELDS[name]
@@ -231,7 +239,7 @@ def _build_table_section(name: str, raw: dict[str, Any], origins: Origins, probl
         if not ok:
             issue: str | None = f"{name}.{key}: expected {type_name(value_tp)}, got {_describe(value)}"
         elif not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?", key):
-            issue = f"{name}.{key}: not a reward name; use a built-in name or \"module:function\""
+            issue = f'{name}.{key}: not a reward name; use a built-in name or "module:function"'
         elif not math.isfinite(typed):
             issue = f"{name}.{key} = {typed}: weight must be a finite number"
         else:
@@ -256,7 +264,9 @@ def _check_value(qual: str, value: Any, tp: Any, meta: typing.Mapping[str, Any])
         allowed = [str(a) for a in typing.get_args(literal)]
         if value not in allowed:
             near = _near(value, allowed)
-            return f"{qual} = {value!r}: must be one of {', '.join(repr(a) for a in allowed)}" + (f"; {near.strip()}" if near else "")
+            return f"{qual} = {value!r}: must be one of {', '.join(repr(a) for a in allowed)}" + (
+                f"; {near.strip()}" if near else ""
+            )
     return _check_bounds(qual, value, meta)
 
 
@@ -315,7 +325,7 @@ def _coldstart_data(c: Config) -> str | None:
         return None
     return (
         "coldstart.enabled = true but data.coldstart is not set; "
-        "fix: set data.coldstart = \"coldstart.json\" or coldstart.enabled = false"
+        'fix: set data.coldstart = "coldstart.json" or coldstart.enabled = false'
     )
 
 
@@ -323,7 +333,9 @@ def _coldstart_data(c: Config) -> str | None:
 def _synth_target(c: Config) -> str | None:
     if not c.data.synth or c.data.train is not None:
         return None
-    return "data.synth = true needs data.train as the file to write; fix: set data.train = \"synth/train.jsonl\""
+    return (
+        'data.synth = true needs data.train as the file to write; fix: set data.train = "synth/train.jsonl"'
+    )
 
 
 @_rule("train.eval_every", "data.eval")
@@ -332,7 +344,7 @@ def _eval_data(c: Config) -> str | None:
         return None
     return (
         f"train.eval_every = {c.train.eval_every} but data.eval is not set; "
-        "fix: set data.eval = \"eval.jsonl\" or train.eval_every = 0"
+        'fix: set data.eval = "eval.jsonl" or train.eval_every = 0'
     )
 
 
@@ -392,7 +404,9 @@ def build_config(
             sections[key] = _build_section(key, value, origins, problems, bad)
         elif key in TOP_LEVEL_KEYS:
             if not isinstance(value, str):
-                problems.append(f"{origins.get(('', key), key)}: {key} must be a string, got {_describe(value)}")
+                problems.append(
+                    f"{origins.get(('', key), key)}: {key} must be a string, got {_describe(value)}"
+                )
         else:
             where = origins.get(("", key), key)
             kind = "section" if isinstance(value, dict) else "top-level key"
