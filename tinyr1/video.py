@@ -1,0 +1,205 @@
+"""Video decoding, frame sampling and SigLIP preprocessing.
+
+Decoding uses decord like the original (its `VideoReader` gives the same pixels as PyAV for the
+same frame indices). Sampling reproduces the original's `np.linspace(0, total - 1, n, dtype=int)`
+(truncation towards zero; a clip shorter than `n` repeats frames so T stays fixed). Preprocessing
+is the SigLIP recipe (square resize, x/255, mean = std = 0.5) in torch, no torchvision. Every
+failure is a `VideoError` naming the file and the cause; decoding runs under a watchdog so a
+pathological file cannot hang a run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tinyr1.errors import VideoError
+
+if TYPE_CHECKING:
+    import torch
+
+SIGLIP_MEAN = 0.5
+SIGLIP_STD = 0.5
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a clip (decord's view: frame count and average fps)."""
+
+    path: Path
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+def sample_indices(
+    total: int, num_frames: int, *, fps: float | None = None, max_frames: int | None = None, video_fps: float = 0.0
+) -> np.ndarray:
+    """Frame indices to decode, [T] int64.
+
+    Uniform: `np.linspace(0, total - 1, num_frames, dtype=int)` (the original's sampling).
+    With `fps`: `min(max_frames, max(1, int(duration * fps)))` uniform frames; fps = 1 with
+    max_frames = 16 is the original's "-1" eval mode.
+    """
+    if total < 1:
+        raise ValueError(f"a video needs at least one frame, got {total}")
+    if fps is not None:
+        cap = max_frames if max_frames is not None else num_frames
+        duration = total / video_fps if video_fps > 0 else 0.0
+        count = min(cap, max(1, int(duration * fps)))
+    else:
+        count = num_frames
+    if count < 1:
+        raise ValueError(f"num_frames must be >= 1, got {count}")
+    return np.linspace(0, total - 1, count, dtype=int).astype(np.int64)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoError(f"{path}: video file not found; check the path and data.video_root")
+    if not path.is_file():
+        raise VideoError(f"{path}: not a regular file (a folder?); point the row at a video file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: video file is empty (0 bytes); re-download or re-encode it")
+
+
+def _with_timeout(fn: Any, path: Path, timeout_s: float | None) -> Any:
+    """Run `fn()` in a daemon thread; a decoder stuck on a broken file becomes a VideoError."""
+    if timeout_s is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True, name=f"decode:{path.name}")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise VideoError(f"{path}: decoding did not finish within {timeout_s:.0f} s; the file is probably corrupt")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _open(path: Path, num_threads: int) -> Any:
+    import decord
+
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+    except Exception as err:  # decord raises RuntimeError / DECORDError with ffmpeg's message
+        raise VideoError(f"{path}: cannot open video ({_cause(err)}); the file is corrupt or not a video") from err
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    msg = text[-1] if text else type(err).__name__
+    return msg if len(msg) < 300 else msg[:300] + "..."
+
+
+def _count_and_fps(reader: Any, path: Path) -> tuple[int, float]:
+    total = len(reader)
+    if total < 1:
+        raise VideoError(f"{path}: the video has no frames; re-encode it or remove the row")
+    try:
+        fps = float(reader.get_avg_fps())
+    except Exception:  # noqa: BLE001 - some containers have no rate; duration then unknown
+        fps = 0.0
+    return total, (fps if np.isfinite(fps) and fps > 0 else 0.0)
+
+
+def probe(path: str | os.PathLike[str], *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> VideoInfo:
+    """Open a clip and read its frame count, fps and size without decoding every frame."""
+    p = Path(path)
+    _check_file(p)
+
+    def work() -> VideoInfo:
+        reader = _open(p, 1)
+        total, fps = _count_and_fps(reader, p)
+        try:
+            first = reader.next().asnumpy()  # [H, W, 3]
+        except Exception as err:
+            raise VideoError(f"{p}: cannot decode the first frame ({_cause(err)}); the file is corrupt") from err
+        return VideoInfo(p, total, fps, int(first.shape[1]), int(first.shape[0]))
+
+    return _with_timeout(work, p, timeout_s)
+
+
+def decode_frames(
+    path: str | os.PathLike[str],
+    num_frames: int,
+    *,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    num_threads: int = 0,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+    """Decode the sampled frames: (uint8 frames [T, H, W, 3], indices [T], info)."""
+    p = Path(path)
+    _check_file(p)
+
+    def work() -> tuple[np.ndarray, np.ndarray, VideoInfo]:
+        reader = _open(p, num_threads)
+        total, video_fps = _count_and_fps(reader, p)
+        idx = sample_indices(total, num_frames, fps=fps, max_frames=max_frames, video_fps=video_fps)
+        try:
+            frames = reader.get_batch(idx.tolist()).asnumpy()  # [T, H, W, 3] uint8
+        except Exception as err:
+            raise VideoError(f"{p}: decoding frames failed ({_cause(err)}); the file is truncated or corrupt") from err
+        if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
+            raise VideoError(f"{p}: decoder returned frames of shape {frames.shape}, expected [{len(idx)}, H, W, 3]")
+        shape = frames.shape
+        return frames, idx, VideoInfo(p, total, video_fps, int(shape[2]), int(shape[1]))
+
+    return _with_timeout(work, p, timeout_s)
+
+
+def preprocess(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
+    """SigLIP preprocessing: uint8 [T, H, W, 3] -> float32 [T, 3, S, S] in [-1, 1].
+
+    Square resize (no padding, like image_aspect_ratio "square") with antialiased bicubic
+    (PIL's a = -0.5 kernel, which torch's antialias path uses), rounded to uint8 levels as PIL
+    does, then x/255 and (x - 0.5) / 0.5. A frame that is already S x S is not resampled.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).to(torch.float32)  # [T, 3, H, W], 0..255
+    # PIL resizes in two separable passes (width, then height) and rounds to uint8 after each;
+    # doing the same keeps us within 1 level of the original's PIL-based SiglipImageProcessor.
+    for size in ((x.shape[-2], image_size), (image_size, image_size)):
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+            x = x.round_().clamp_(0.0, 255.0)  # [T, 3, H', W']
+    return ((x / 255.0 - SIGLIP_MEAN) / SIGLIP_STD).contiguous()  # [T, 3, S, S]
+
+
+def load_frames(
+    path: str | os.PathLike[str],
+    num_frames: int,
+    image_size: int,
+    *,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> torch.Tensor:
+    """Decode, sample and preprocess one clip: float32 [T, 3, S, S], ready for the vision tower."""
+    frames, _, _ = decode_frames(path, num_frames, fps=fps, max_frames=max_frames, timeout_s=timeout_s)
+    return preprocess(frames, image_size)  # [T, 3, S, S]
