@@ -1,0 +1,64 @@
+"""`tinyr1 train`: cold start + GRPO from a preset or TOML, or resume a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ORDER = 10
+
+EPILOG = """\
+examples:
+  tinyr1 train --preset tiny
+      CPU demo: makes a tiny random checkpoint + synthetic videos, cold start, GRPO, evaluation
+  tinyr1 train --preset 24gb --set data.train=nextqa_0-30s.jsonl --set data.video_root=videos/
+      the paper's recipe with LoRA on a 4-bit LLM on one 24 GB GPU
+  tinyr1 train --config my.toml --set rollout.num_generations=4 --set train.lr=2e-5
+      a TOML of your own (it may start with base = "16gb" to inherit a preset)
+  tinyr1 train --resume runs/24gb-20261125-101500
+      continue a stopped run exactly where its last checkpoint left it
+
+A run folder holds config.toml (fully resolved), metrics.jsonl, completions.jsonl, eval.jsonl,
+checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` / `tinyr1 merge`).
+Ctrl-C finishes the current step, saves a checkpoint and exits; `--resume` continues.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="run cold-start SFT + GRPO (or resume a run)", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="preset name (see `tinyr1 presets list`)")
+    src.add_argument("--config", help="path to a TOML config")
+    src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one value, same spelling as the TOML (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tinyr1.config import load_config, resolve_output_dir
+    from tinyr1.errors import ConfigError
+    from tinyr1.session import train
+
+    console = Console()
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.toml there; pass a run folder written by `tinyr1 train`")
+        if args.overrides:
+            raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
+        cfg = load_config(str(run_dir / "config.toml"))
+        out = train(cfg, resume=run_dir, console=console)
+    else:
+        source = args.config or args.preset
+        if source is None:
+            raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
+        cfg = resolve_output_dir(load_config(source, args.overrides))
+        out = train(cfg, console=console)
+    console.print(f"run folder: {out}")
+    return 0

@@ -1,0 +1,75 @@
+"""Feeds samples to the trainer: a seeded order per epoch, frames decoded once per visit, bad
+videos skipped and counted (the run stops only when more than `max_bad_fraction` are bad).
+
+The position (epoch, index) is part of the checkpoint, so a resumed run sees the same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tinyr1.checkpoint import TrainState
+from tinyr1.errors import DataError, VideoError
+
+
+class SampleFeeder:
+    """Yields (sample, frames [T, 3, S, S]) batches in a reproducible order."""
+
+    def __init__(
+        self,
+        samples: Sequence[Any],
+        load_frames: Callable[[Any], torch.Tensor],
+        *,
+        seed: int,
+        max_bad_fraction: float,
+        state: TrainState | None = None,
+        on_skip: Callable[[str], None] | None = None,
+    ) -> None:
+        if not samples:
+            raise DataError("the training set is empty: nothing to train on")
+        self.samples = samples
+        self.load_frames = load_frames
+        self.seed = seed
+        self.max_bad_fraction = max_bad_fraction
+        self.on_skip = on_skip
+        st = state or TrainState()
+        self.epoch, self.position, self.seen = st.epoch, st.position, st.seen
+        self.bad = list(st.bad_videos)
+        self._order = self._permutation(self.epoch)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.samples), generator=gen).tolist()
+
+    def state(self) -> TrainState:
+        return TrainState(epoch=self.epoch, position=self.position, seen=self.seen, bad_videos=list(self.bad))
+
+    def next_batch(self, n: int) -> list[tuple[Any, torch.Tensor]]:
+        out: list[tuple[Any, torch.Tensor]] = []
+        while len(out) < n:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            sample = self.samples[self._order[self.position]]
+            self.position += 1
+            self.seen += 1
+            try:
+                out.append((sample, self.load_frames(sample)))
+            except VideoError as err:
+                self._skip(f"{sample.video}: {err}")
+        return out
+
+    def _skip(self, what: str) -> None:
+        self.bad.append(what)
+        if self.on_skip is not None:
+            self.on_skip(f"skipped unreadable video ({len(self.bad)} so far): {what}")
+        if len(self.bad) > self.max_bad_fraction * max(self.seen, len(self.samples)):
+            listed = "\n  ".join(self.bad[:20])
+            raise DataError(
+                f"{len(self.bad)} of {self.seen} videos drawn so far are unreadable, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction}:\n  {listed}\n"
+                "fix: run `tinyr1 data check FILE --video-root DIR` and repair or drop these rows"
+            )
