@@ -11,12 +11,23 @@ reference sampler — which the tests check.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from transformers import Qwen2ForCausalLM
 
 from tinyr1.model.tinyllava import TinyLlavaVideo, right_to_left_pad
+
+# transformers renamed `past_key_values` to `cache` (5.2x); speak whichever this version speaks.
+_CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,7 @@ def sample_group(
     embeds, mask = right_to_left_pad(embeds, mask)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     cache.batch_repeat_interleave(group_size)
     n = len(prompt_ids) * group_size
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B*G, V]
@@ -124,7 +135,7 @@ def sample_group(
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = llm(
             input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{_CACHE_KW: cache},
         )
         logits = out.logits[:, -1]  # [active, V]
         next_pos = next_pos + 1
