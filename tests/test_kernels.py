@@ -1,0 +1,234 @@
+"""Fused linear log-prob (torch path and Triton kernels under the interpreter) against float64 loops.
+
+Shapes are small and odd (not multiples of any tile); every test draws fresh random inputs and
+reports its seed. Errors are norm-wise relative: ||x - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tinyr1.errors import ConfigError, DeviceError
+from tinyr1.kernels import apply_liger, resolve_backend, token_logprobs
+from tinyr1.kernels.bench import LiveBytes
+from tinyr1.kernels.liger import _patch_instance
+from tinyr1.kernels.logprob import naive_token_logprobs
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+N, H, V = 37, 45, 301
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref).norm() / ref.norm())
+
+
+def _reference(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token float64 loop: logp_i = log_softmax(W h_i / T)[t_i], entropy of softmax(W h_i / T)."""
+    logps, ents = [], []
+    for i in range(h.shape[0]):
+        z = (w @ h[i]) / temperature  # [V]
+        logp_all = z - torch.logsumexp(z, 0)  # [V]
+        logps.append(logp_all[t[i]])
+        ents.append(-(logp_all.exp() * logp_all).sum())
+    return torch.stack(logps), torch.stack(ents)
+
+
+def _inputs(dtype: torch.dtype, n: int = N, hdim: int = H, vocab: int = V) -> tuple[torch.Tensor, ...]:
+    h = torch.randn(n, hdim).to(dtype)  # [N, H]
+    w = (torch.randn(vocab, hdim) * 0.3).to(dtype)  # [V, H]
+    t = torch.randint(0, vocab, (n,))  # [N]
+    return h, w, t
+
+
+def _loss(lp: torch.Tensor, ent: torch.Tensor, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None) -> torch.Tensor:
+    """Only the outputs that are switched on enter the graph, so the other gets no gradient at all."""
+    terms = [(x * g).sum() for x, g in ((lp, g_lp), (ent, g_ent)) if g is not None]
+    return torch.stack(terms).sum()
+
+
+def _check(backend: str, dtype: torch.dtype, temperature: float, g_lp_on: bool, g_ent_on: bool,
+           weight_grad: bool = False, **kw: object) -> None:
+    seed = torch.seed()
+    h, w, t = _inputs(dtype)
+    g_lp, g_ent = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_(weight_grad)
+    lp_ref, ent_ref = _reference(h64, w64, t, temperature)
+    loss_ref = _loss(lp_ref, ent_ref, g_lp if g_lp_on else None, g_ent if g_ent_on else None)
+    grads_ref = torch.autograd.grad(loss_ref, [h64, w64] if weight_grad else [h64])
+
+    h_in, w_in = h.clone().requires_grad_(), w.clone().requires_grad_(weight_grad)
+    if kw.get("splits"):
+        from tinyr1.kernels.logprob_triton import triton_token_logprobs
+
+        lp, ent = triton_token_logprobs(h_in, w_in, t, temperature, True, kw.get("chunk_size"), kw["splits"])
+    else:
+        lp, ent = token_logprobs(h_in, w_in, t, temperature, with_entropy=True, backend=backend, **kw)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == (N,)
+    loss = _loss(lp, ent, g_lp.float() if g_lp_on else None, g_ent.float() if g_ent_on else None)
+    grads = torch.autograd.grad(loss, [h_in, w_in] if weight_grad else [h_in])
+    tol, msg = TOL[dtype], f"backend={backend} dtype={dtype} T={temperature} seed={seed}"
+    assert _rel(lp, lp_ref) < tol, f"logp {_rel(lp, lp_ref):.2e} {msg}"
+    assert _rel(ent, ent_ref) < tol, f"entropy {_rel(ent, ent_ref):.2e} {msg}"
+    for name, g, g_ref in zip(("d hidden", "d weight"), grads, grads_ref):
+        assert g.dtype == dtype, name
+        assert _rel(g, g_ref) < tol, f"{name} {_rel(g, g_ref):.2e} {msg}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("temperature", "g_ent_on"), [(0.7, False), (1.6, True)], ids=["logp-grad", "logp+ent-grad"])
+def test_matches_float64_reference(backend: str, dtype: torch.dtype, temperature: float, g_ent_on: bool) -> None:
+    _check(backend, dtype, temperature, g_lp_on=True, g_ent_on=g_ent_on)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_through_entropy_only(backend: str) -> None:
+    _check(backend, torch.float32, 0.8, g_lp_on=False, g_ent_on=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_gradient_when_lm_head_trains(backend: str, dtype: torch.dtype) -> None:
+    _check(backend, dtype, 1.3, g_lp_on=True, g_ent_on=True, weight_grad=True)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_torch_path_any_tile_width(chunk_size: int) -> None:
+    _check("torch", torch.float32, 0.9, g_lp_on=True, g_ent_on=False, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize(("splits", "chunk_size"), [(3, 32), (10, 16)])
+def test_triton_vocab_splits_combine(splits: int, chunk_size: int) -> None:
+    """Several programs per token block: partial log-sum-exps merged in torch, dh by atomic adds."""
+    _check("triton", torch.float32, 0.6, g_lp_on=True, g_ent_on=True, splits=splits, chunk_size=chunk_size)
+
+
+def test_no_grad_int32_targets_and_no_entropy() -> None:
+    h, w, t = _inputs(torch.float32)
+    lp_ref, _ = _reference(h.double(), w.double(), t, 1.1)
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            lp, ent = token_logprobs(h, w, t.int(), 1.1, backend=backend)  # type: ignore[arg-type]
+            assert ent is None
+            assert _rel(lp, lp_ref) < 1e-5, backend
+
+
+def test_torch_path_never_holds_tokens_by_vocab() -> None:
+    """Peak live bytes of forward + backward stay far below one [N, V] fp32 tensor (naive holds several)."""
+    n, vocab = 64, 40_000
+    h, w, t = _inputs(torch.float32, n=n, hdim=32, vocab=vocab)
+    full = n * vocab * 4
+    peaks = {}
+    for name in ("naive", "torch"):
+        hg = h.clone().requires_grad_()
+        with LiveBytes() as live:
+            if name == "naive":
+                lp, ent = naive_token_logprobs(hg, w, t, 1.0, with_entropy=True)
+            else:
+                lp, ent = token_logprobs(hg, w, t, with_entropy=True, backend="torch", chunk_size=512)
+            (lp.sum() + ent.sum()).backward()
+            del lp, ent
+        peaks[name] = live.peak
+    assert peaks["naive"] >= 2 * full  # the tracker does see the full logits
+    assert peaks["torch"] < full / 10, peaks
+
+
+def test_resolve_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("triton", "cpu") == "triton"  # the interpreter is on (conftest)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(DeviceError, match="needs CUDA"):
+        resolve_backend("triton", "cpu")
+    with pytest.raises(ConfigError, match='"auto", "triton", "torch"'):
+        resolve_backend("cuda", "cpu")
+
+
+def test_bad_inputs_are_reported() -> None:
+    h, w, t = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        token_logprobs(h, w, t + V)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        token_logprobs(h[:, :-1], w, t)
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(h, w, t, 0.0)
+    with pytest.raises(ValueError, match="power of two"):
+        token_logprobs(h, w, t, backend="triton", chunk_size=48)
+
+
+def _tiny_qwen2(device: str) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)  # RMSNorm weights too, so a wrong norm shows
+    return model.to(device)
+
+
+def test_apply_liger_does_nothing_on_cpu() -> None:
+    model = _tiny_qwen2("cpu")
+    before = [type(m).__name__ for m in model.modules()]
+    assert apply_liger(model) is False
+    assert [type(m).__name__ for m in model.modules()] == before
+
+
+def test_liger_patch_swaps_modules_of_this_instance_only() -> None:
+    model = _tiny_qwen2("cpu")
+    untouched = _tiny_qwen2("cpu")
+    keys = list(model.state_dict())
+    params = {id(p) for p in model.parameters()}
+    assert _patch_instance(model) == (5, 2)  # 2 norms x 2 layers + final norm; 2 MLPs
+    names = [type(m).__name__ for m in model.modules()]
+    assert names.count("LigerRMSNorm") == 5 and names.count("_LigerSwiGLUMLP") == 2
+    assert "Qwen2RMSNorm" not in names and "Qwen2MLP" not in names
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable
+    assert {id(p) for p in model.parameters()} == params  # same Parameters: optimizer/LoRA unaffected
+    assert "LigerRMSNorm" not in [type(m).__name__ for m in untouched.modules()]
+    model.config.model_type = "llama"
+    with pytest.raises(ValueError, match="Qwen2"):
+        _patch_instance(model)
+
+
+@pytest.mark.gpu
+def test_liger_patched_model_matches_on_cuda() -> None:
+    model = _tiny_qwen2("cuda")
+    fused = copy.deepcopy(model)
+    assert apply_liger(fused) is True
+    ids = torch.randint(0, 97, (3, 17), device="cuda")
+    ref, out = model(ids).logits, fused(ids).logits
+    assert _rel(out, ref.double()) < 1e-4
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        assert _rel(q.grad, p.grad.double()) < 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_on_cuda_matches_reference(dtype: torch.dtype) -> None:
+    h, w, t = (x.cuda() for x in _inputs(dtype, n=300, hdim=256, vocab=5003))
+    g = torch.randn(300, device="cuda", dtype=torch.float64)
+    h64 = h.double().requires_grad_()
+    z = (h64 @ w.double().t()) / 0.8
+    lp_ref = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
+    (dh_ref,) = torch.autograd.grad((lp_ref * g).sum(), h64)
+    hg = h.clone().requires_grad_()
+    lp, _ = token_logprobs(hg, w, t, 0.8, backend="triton")
+    (dh,) = torch.autograd.grad((lp * g.float()).sum(), hg)
+    assert _rel(lp, lp_ref) < TOL[dtype] and _rel(dh, dh_ref) < TOL[dtype]
+
+
+def test_cli_bench_kernels_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from tinyr1.cli import main
+
+    assert main(["bench"]) == 2
+    assert main(["bench", "kernels", "--tokens", "19", "--hidden", "8", "--vocab", "333", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "naive" in out and "torch" in out and "time / naive" in out

@@ -1,0 +1,172 @@
+"""`tinyr1 bench`: measured speed and memory (results go to docs/BENCHMARKS.md).
+
+Structure: `register` builds the `bench` parser (`_add_bench_parser`) and its sub-commands
+(`kernels` today). `bench` alone runs `_bench_root`, which prints help; whole-preset options
+(`--preset`, `--steps`) belong on the `bench` parser itself and their handling in `_bench_root`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from typing import Any
+
+ORDER = 90
+
+BENCH_HELP = """\
+Benchmarks that measure time and peak memory on this machine.
+
+Examples:
+  tinyr1 bench kernels                      # per-token log-probs at Qwen2.5-3B shapes
+  tinyr1 bench kernels --tokens 1024 --methods naive,torch
+"""
+
+KERNELS_HELP = """\
+Per-token log-probs of a GRPO update, forward + backward, at Qwen2.5-3B shapes
+(H = 2048, V = 151,936, N = 4096 tokens by default). Methods:
+  naive   full logits [N x V] -> log_softmax -> gather (what the fused paths replace)
+  torch   tinyr1's vocabulary-tiled pure-torch path (the CPU path)
+  triton  tinyr1's Triton kernels (CUDA)
+  liger   liger-kernel's fused linear cross-entropy with reduction="none" (CUDA)
+Peak memory is what the call allocates above its inputs (CUDA: max_memory_allocated; CPU: live
+tensor bytes tracked by a TorchDispatchMode). Time is the median of --repeats runs after one
+warm-up run. Ratios are against naive. The naive path needs about 3 x N x V x 4 bytes.
+
+Examples:
+  tinyr1 bench kernels                                   # all methods that run here
+  tinyr1 bench kernels --tokens 1024 --repeats 3
+  tinyr1 bench kernels --methods torch,triton --dtype bf16 --entropy
+"""
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _methods(text: str) -> list[str]:
+    from tinyr1.kernels.bench import METHODS  # light: no torch kernels are built on import
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def register(subparsers: Any) -> None:
+    parser = _add_bench_parser(subparsers)
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=False)
+    _add_kernels(sub)
+
+
+def _add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench", help="measure speed and memory (kernels)", description=BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.set_defaults(func=_bench_root, bench_parser=parser)
+    return parser
+
+
+def _add_kernels(sub: Any) -> None:
+    p = sub.add_parser(
+        "kernels", help="fused log-prob kernels vs. full logits", description=KERNELS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--tokens", type=int, default=4096, help="N, tokens per call (default 4096)")
+    p.add_argument("--hidden", type=int, default=2048, help="H, hidden size (default 2048, Qwen2.5-3B)")
+    p.add_argument("--vocab", type=int, default=151936, help="V, vocabulary (default 151936, Qwen2.5)")
+    p.add_argument("--dtype", choices=_DTYPES, default=None, help="input dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="comma list of naive,torch,triton,liger (default: those that run on the device)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T (default 1.0)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per method after the warm-up (default 2)")
+    p.add_argument("--entropy", action="store_true", help="also compute per-token entropies (logged, no grad)")
+    p.add_argument("--chunk-size", type=int, default=None, help="vocabulary tile for torch/triton (default: auto)")
+    p.set_defaults(func=_kernels)
+
+
+def _bench_root(args: argparse.Namespace) -> int:
+    args.bench_parser.print_help()
+    return 2
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_args(args: argparse.Namespace, device: Any, methods: list[str]) -> None:
+    from tinyr1.errors import ConfigError, DeviceError
+    from tinyr1.kernels.liger import liger_available
+    from tinyr1.kernels.logprob import triton_available
+
+    for name in ("tokens", "hidden", "vocab", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
+    gpu_only = [m for m in methods if m in ("triton", "liger")]
+    if gpu_only and device.type != "cuda":
+        raise DeviceError(f"method(s) {', '.join(gpu_only)} need CUDA; this run is on {device}. "
+                          "Use --methods naive,torch on the CPU.")
+    if "triton" in methods and not triton_available():
+        raise DeviceError("method triton needs the triton package: pip install 'tinyr1[kernels]'")
+    if "liger" in methods and not liger_available():
+        raise DeviceError("method liger needs liger-kernel: pip install 'tinyr1[kernels]'")
+    naive_bytes = 3 * args.tokens * args.vocab * 4
+    if "naive" in methods and device.type == "cpu" and naive_bytes > 0.8 * _available_bytes():
+        raise DeviceError(f"naive needs about {naive_bytes / 2**30:.1f} GiB for --tokens {args.tokens}, more than this "
+                          f"machine has free ({_available_bytes() / 2**30:.1f} GiB); lower --tokens or drop naive from --methods.")
+
+
+def _machine(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from tinyr1.kernels.bench import BenchResult, bench_kernels
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        from tinyr1.errors import DeviceError
+
+        raise DeviceError("--device cuda but CUDA is not available here; use --device cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    methods = args.methods or (["naive", "torch", "triton", "liger"] if use_cuda else ["naive", "torch"])
+    _check_args(args, device, methods)
+    dtype_name = args.dtype or ("bf16" if use_cuda else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    console = Console()
+    console.print(f"[bold]bench kernels[/]: N={args.tokens} H={args.hidden} V={args.vocab} {dtype_name} "
+                  f"T={args.temperature} entropy={args.entropy} on {_machine(device)}; "
+                  f"median of {args.repeats} after 1 warm-up")
+
+    def show(r: BenchResult) -> None:
+        console.print(f"  {r.method}: {r.seconds:.3f} s, peak {r.peak_bytes / 2**20:.1f} MiB")
+
+    results = bench_kernels(methods, args.tokens, args.hidden, args.vocab, dtype, device, args.temperature,
+                            args.repeats, args.entropy, args.chunk_size, on_result=show)
+    base = next((r for r in results if r.method == "naive"), None)
+    table = Table(title="forward + backward of per-token log-probs")
+    for col in ("method", "time (s)", "peak memory (MiB)", "time / naive", "naive memory / memory", "max |Δ logp|"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in results:
+        table.add_row(
+            r.method, f"{r.seconds:.3f}", f"{r.peak_bytes / 2**20:.1f}",
+            f"{r.seconds / base.seconds:.2f}x" if base else "-",
+            f"{base.peak_bytes / max(r.peak_bytes, 1):.1f}x" if base else "-",
+            f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else "-",
+        )  # fmt: skip
+    console.print(table)
+    return 0

@@ -1,0 +1,158 @@
+"""`tinyr1 bench kernels`: time and peak memory of the per-token log-prob implementations.
+
+Each method runs forward + backward of sum(g * logp) for random hidden states (requiring grad) and a
+frozen lm_head, the shape of a GRPO update micro-batch. Peak memory is the high-water mark of
+memory allocated *during* the call, above what existed before it (inputs excluded):
+
+- CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats();
+- CPU: `LiveBytes`, a TorchDispatchMode that adds the storage size of every new tensor an aten op
+  returns and subtracts it when the storage is freed (weakref finalizer). It sees every tensor
+  autograd creates, but not scratch memory internal to one kernel (e.g. a GEMM's packing buffers).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from tinyr1.kernels.logprob import naive_token_logprobs, token_logprobs
+
+METHODS = ("naive", "torch", "triton", "liger")
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks bytes of tensor storages created inside the mode that are still alive, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._alive: dict[int, int] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.current -= nbytes
+        self._alive.pop(key, None)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._alive:  # views and in-place results
+                continue
+            self._alive[key] = nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    method: str
+    seconds: float  # median over repeats of forward + backward
+    peak_bytes: int  # allocated during the call, above the inputs
+    max_abs_diff: float | None  # max |logp - logp_naive|, None when naive did not run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _liger_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    out = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden / temperature, targets)
+    loss = getattr(out, "loss", out[0] if isinstance(out, tuple) else out)
+    return -loss.float()  # [N]
+
+
+def _step_fn(method: str, temperature: float, with_entropy: bool, chunk_size: int | None) -> Callable[..., torch.Tensor]:
+    """One forward + backward; returns the detached log-probs."""
+
+    def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if method == "naive":
+            logp, ent = naive_token_logprobs(hidden, weight, targets, temperature, with_entropy)
+        elif method == "liger":
+            logp, ent = _liger_logprobs(hidden, weight, targets, temperature), None
+        else:
+            logp, ent = token_logprobs(hidden, weight, targets, temperature, with_entropy=with_entropy,
+                                       backend=method, chunk_size=chunk_size)  # type: ignore[arg-type]
+        (logp * g).sum().backward()  # entropy, when asked for, is only logged (as in GRPO)
+        del ent
+        hidden.grad = None
+        return logp.detach()
+
+    return step
+
+
+def run_method(method: str, inputs: tuple[torch.Tensor, ...], temperature: float, repeats: int,
+               with_entropy: bool = False, chunk_size: int | None = None) -> tuple[float, int, torch.Tensor]:
+    """(median seconds, peak bytes, logp) for one method; the memory run doubles as the warm-up."""
+    device = inputs[0].device
+    step = _step_fn(method, temperature, with_entropy, chunk_size)
+    _sync(device)
+    if device.type == "cuda":
+        step(*inputs)  # compile / autotune outside the measured runs
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        logp = step(*inputs)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with LiveBytes() as live:
+            logp = step(*inputs)
+        peak = live.peak
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(*inputs)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak, logp
+
+
+def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Hidden states [N, H] (requires grad), a frozen lm_head [V, H] at Qwen-like scale, targets, upstream grads."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    h = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()  # [N, H]
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(device=device, dtype=dtype)  # [V, H]
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).to(device)  # [N]
+    g = (torch.randn(tokens, generator=gen) / tokens).to(device)  # [N] upstream d loss / d logp
+    return h, w, targets, g
+
+
+def bench_kernels(methods: list[str], tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
+                  device: torch.device, temperature: float = 1.0, repeats: int = 2,
+                  with_entropy: bool = False, chunk_size: int | None = None,
+                  on_result: Callable[[BenchResult], None] | None = None) -> list[BenchResult]:
+    """Run each method on the same inputs; logp of each is compared with naive's when naive ran."""
+    inputs = make_inputs(tokens, hidden, vocab, dtype, device)
+    results: list[BenchResult] = []
+    reference: torch.Tensor | None = None
+    for method in methods:
+        seconds, peak, logp = run_method(method, inputs, temperature, repeats, with_entropy, chunk_size)
+        if method == "naive":
+            reference = logp
+        diff = None if reference is None else float((logp - reference).abs().max())
+        results.append(BenchResult(method, seconds, peak, diff))
+        if on_result is not None:
+            on_result(results[-1])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
