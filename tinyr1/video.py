@@ -11,6 +11,7 @@ pathological file cannot hang a run.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,18 +97,38 @@ def _with_timeout(fn: Any, path: Path, timeout_s: float | None) -> Any:
     return box["value"]
 
 
+_decord_quiet = False
+
+
 def _open(path: Path, num_threads: int) -> Any:
     import decord
 
+    global _decord_quiet
+    if not _decord_quiet:  # ffmpeg's own log lines would duplicate the VideoError we raise
+        decord.logging.set_level(decord.logging.QUIET)
+        _decord_quiet = True
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
     except Exception as err:  # decord raises RuntimeError / DECORDError with ffmpeg's message
-        raise VideoError(f"{path}: cannot open video ({_cause(err)}); the file is corrupt or not a video") from err
+        cause = _pyav_cause(path) or _cause(err)
+        raise VideoError(f"{path}: cannot open video ({cause}); the file is corrupt or not a video") from err
+
+
+def _pyav_cause(path: Path) -> str | None:
+    """decord only says "Error reading <file>"; PyAV's open error names the ffmpeg cause."""
+    try:
+        import av
+
+        with av.open(str(path)):
+            return None
+    except Exception as err:  # noqa: BLE001 - any failure text is the diagnosis we want
+        text = getattr(err, "strerror", None) or str(err)
+        return f"ffmpeg: {text}"
 
 
 def _cause(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    msg = text[-1] if text else type(err).__name__
+    """decord's message without its "[time] /src/file.cc:123:" prefixes, kept short."""
+    msg = re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", " ".join(str(err).split())) or type(err).__name__
     return msg if len(msg) < 300 else msg[:300] + "..."
 
 

@@ -1,0 +1,273 @@
+"""Synthetic video QA: real H.264 clips of simple scenes whose answer is only in the pixels.
+
+This is the tiny demo's and the tests' data. Each task has a FIXED option order (a shuffled
+order left the answer letter at chance for a tiny random vision tower, DESIGN.md), balanced
+answer letters, and a templated think text naming the evidence for the cold start. Output:
+`train.jsonl` (the paper's GRPO format), `coldstart.json` (LLaVA style), `eval.jsonl` (generic
+format, held-out clips) and `videos/`. Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyr1.prompts import build_prompt, question_with_options
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (230, 210, 40),
+}
+DEFAULT_TASKS = ("color",)  # the one a tiny random frozen tower learns (DESIGN.md, "The tiny demo")
+CLIP_FPS = 8
+Render = Callable[[np.random.Generator, int, int, int], tuple[np.ndarray, dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A question with fixed options, a renderer (rng, answer index, T, S) -> (frames
+    [T, S, S, 3] uint8, evidence words) and think templates filled from the evidence."""
+
+    name: str
+    question: str
+    options: tuple[str, ...]
+    render: Render
+    thinks: tuple[str, ...]
+
+
+def _canvas(rng: np.random.Generator, frames: int, size: int) -> np.ndarray:
+    shade = int(rng.integers(10, 60))
+    return np.full((frames, size, size, 3), shade, dtype=np.uint8)  # [T, S, S, 3]
+
+
+def _draw(video: np.ndarray, t: int, x: int, y: int, side: int, color: Sequence[int]) -> None:
+    video[t, y : y + side, x : x + side] = color
+
+
+def _jittered(rng: np.random.Generator, rgb: tuple[int, int, int]) -> np.ndarray:
+    return np.clip(np.array(rgb) + rng.integers(-15, 16, size=3), 0, 255).astype(np.uint8)
+
+
+def _random_color(rng: np.random.Generator) -> np.ndarray:
+    return _jittered(rng, list(PALETTE.values())[int(rng.integers(len(PALETTE)))])
+
+
+def _render_color(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """One square of colour k wandering (bouncing) around the frame."""
+    video, side = _canvas(rng, frames, size), max(4, size // 4)
+    color = _jittered(rng, PALETTE[list(PALETTE)[k]])
+    pos = rng.integers(0, size - side + 1, size=2)
+    vel = rng.integers(-2, 3, size=2)
+    for t in range(frames):
+        _draw(video, t, int(pos[0]), int(pos[1]), side, color)
+        nxt = pos + vel
+        vel = np.where((nxt < 0) | (nxt > size - side), -vel, vel)
+        pos = np.clip(pos + vel, 0, size - side)
+    return video, {}
+
+
+def _render_count(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """k + 1 squares in distinct cells of a 3 x 3 grid, each a random palette colour."""
+    video, cell = _canvas(rng, frames, size), size // 3
+    side = max(2, cell - 4)
+    cells = rng.choice(9, size=k + 1, replace=False)
+    for c in cells:
+        x0, y0 = int(c % 3) * cell + 2, int(c // 3) * cell + 2
+        color = _random_color(rng)
+        for t in range(frames):
+            dx, dy = (int(v) for v in rng.integers(-1, 2, size=2))
+            _draw(video, t, x0 + dx, y0 + dy, side, color)
+    n = k + 1
+    return video, {"squares": "square" if n == 1 else "squares", "are": "is" if n == 1 else "are"}
+
+
+def _render_position(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """One square staying (with a 1-pixel jitter) in quadrant k: TL, TR, BL, BR."""
+    video, side, half = _canvas(rng, frames, size), max(4, size // 4), size // 2
+    color = _random_color(rng)
+    x0 = (k % 2) * half + int(rng.integers(1, half - side))
+    y0 = (k // 2) * half + int(rng.integers(1, half - side))
+    for t in range(frames):
+        dx, dy = (int(v) for v in rng.integers(-1, 2, size=2))
+        _draw(video, t, x0 + dx, y0 + dy, side, color)
+    return video, {}
+
+
+_DIRECTION_ENDS = {0: ("right", "left"), 1: ("left", "right"), 2: ("bottom", "top"), 3: ("top", "bottom")}
+
+
+def _render_direction(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """One square crossing the frame: k = left, right, up, down."""
+    video, side = _canvas(rng, frames, size), max(4, size // 4)
+    color = _random_color(rng)
+    track = np.linspace(0, size - side, frames).round().astype(int)  # start edge -> end edge
+    if k in (0, 2):
+        track = track[::-1]
+    other = int(rng.integers(0, size - side + 1))
+    for t in range(frames):
+        x, y = (int(track[t]), other) if k in (0, 1) else (other, int(track[t]))
+        _draw(video, t, x, y, side, color)
+    start, end = _DIRECTION_ENDS[k]
+    return video, {"start": start, "end": end}
+
+
+TASKS: dict[str, Task] = {
+    "color": Task(
+        "color", "What colour is the square?", tuple(PALETTE), _render_color,
+        ("The square is {option} in every frame. {Option} is option {letter}.",
+         "I see a {option} square moving around, so the answer is {letter}."),
+    ),
+    "count": Task(
+        "count", "How many squares are there?", ("1", "2", "3", "4"), _render_count,
+        ("I count {option} {squares} in the frames. That is option {letter}.",
+         "There {are} {option} {squares} in the video, so the answer is {letter}."),
+    ),
+    "position": Task(
+        "position", "Where is the square?", ("top left", "top right", "bottom left", "bottom right"),
+        _render_position,
+        ("The square stays in the {option} corner. That is option {letter}.",
+         "The square is at the {option} of the frame, so the answer is {letter}."),
+    ),
+    "direction": Task(
+        "direction", "Which way does the square move?", ("left", "right", "up", "down"), _render_direction,
+        ("The square starts at the {start} and ends at the {end}, so it moves {option}. That is option {letter}.",
+         "The square moves {option} from the {start} to the {end}, so the answer is {letter}."),
+    ),
+}
+
+
+def think_text(task: Task, k: int, template: int, evidence: dict[str, str]) -> str:
+    """The cold-start reasoning for answer index k, naming what is seen in the frames."""
+    option = task.options[k]
+    fields = {"option": option, "Option": option[:1].upper() + option[1:], "letter": chr(ord("A") + k), **evidence}
+    return task.thinks[template].format(**fields)
+
+
+def corpus_texts() -> list[str]:
+    """Every question, option block and think text the synthetic data can contain (for the
+    tiny tokenizer, which must cover all of it compactly)."""
+    texts = []
+    for task in TASKS.values():
+        problem = question_with_options(task.question, list(task.options))
+        texts += [build_prompt(problem, mode="train"), build_prompt(problem, mode="eval")]
+        for k in range(len(task.options)):
+            n = k + 1
+            ev = {"squares": "square" if n == 1 else "squares", "are": "is" if n == 1 else "are"}
+            if task.name == "direction":
+                ev = dict(zip(("start", "end"), _DIRECTION_ENDS[k]))
+            for j in range(len(task.thinks)):
+                letter = chr(ord("A") + k)
+                texts.append(f"<think>{think_text(task, k, j, ev)}</think> <answer>{letter}</answer>")
+    return texts
+
+
+def encode_video(path: str | os.PathLike[str], frames: np.ndarray, fps: int = CLIP_FPS) -> None:
+    """Write uint8 [T, H, W, 3] frames as an H.264 (yuv420p) mp4 with PyAV, single-threaded so
+    the bytes depend only on the frames."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "8", "preset": "ultrafast", "threads": "1"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+@dataclass(frozen=True)
+class _Item:
+    id: str
+    task: Task
+    k: int
+    video_rel: str
+    think: str
+
+
+def _make_split(out: Path, split: str, code: int, n: int, seed: int, tasks: Sequence[str], frames: int,
+                size: int) -> list[_Item]:
+    """Render and encode n clips; answer letters are balanced within each task."""
+    plan_rng = np.random.default_rng([seed, code])
+    task_of = plan_rng.permutation(np.arange(n) % len(tasks))
+    answer_of = np.zeros(n, dtype=int)
+    for j, name in enumerate(tasks):
+        idx = np.flatnonzero(task_of == j)
+        answer_of[idx] = plan_rng.permutation(np.arange(len(idx)) % len(TASKS[name].options))
+    items = []
+    for i in range(n):
+        task, k = TASKS[tasks[int(task_of[i])]], int(answer_of[i])
+        rng = np.random.default_rng([seed, code, i])
+        video, evidence = task.render(rng, k, frames, size)  # [T, S, S, 3]
+        rel = f"videos/{split}_{i:05d}.mp4"
+        encode_video(out / rel, video)
+        think = think_text(task, k, int(rng.integers(len(task.thinks))), evidence)
+        items.append(_Item(f"{split}_{i:05d}", task, k, rel, think))
+    return items
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_synthetic(
+    out_dir: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    *,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    frames: int = 8,
+    size: int = 32,
+    eval_n: int = 500,
+    coldstart_n: int = 64,
+) -> dict[str, Path]:
+    """Write the synthetic dataset; returns {"train", "coldstart", "eval", "videos"} paths.
+
+    train.jsonl: {"id", "problem", "solution", "video_filename": "./videos/..", "task"}
+    coldstart.json: LLaVA rows whose gpt turn is "<think>evidence</think> <answer>X</answer>"
+    eval.jsonl: {"id", "video", "question", "options", "answer", "task"} on held-out clips.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        from tinyr1.errors import DataError
+
+        raise DataError(f"unknown synthetic task(s) {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
+    if size % 2 or size < 16:
+        raise ValueError(f"size must be even and >= 16 (H.264 yuv420p), got {size}")
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    tasks = list(tasks)
+
+    train = _make_split(out, "train", 1, n, seed, tasks, frames, size)
+    _write_jsonl(out / "train.jsonl", [
+        {"id": it.id, "problem": question_with_options(it.task.question, list(it.task.options)),
+         "solution": f"<answer>{chr(ord('A') + it.k)}</answer>", "video_filename": f"./{it.video_rel}",
+         "task": it.task.name}
+        for it in train
+    ])
+    cold = _make_split(out, "coldstart", 2, coldstart_n, seed, tasks, frames, size)
+    cold_rows = [
+        {"id": it.id, "video": it.video_rel, "conversations": [
+            {"from": "human", "value": build_prompt(
+                question_with_options(it.task.question, list(it.task.options)), mode="train")},
+            {"from": "gpt", "value": f"<think>{it.think}</think> <answer>{chr(ord('A') + it.k)}</answer>"},
+        ]}
+        for it in cold
+    ]
+    body = ",\n".join(json.dumps(r, ensure_ascii=False) for r in cold_rows)
+    (out / "coldstart.json").write_text(f"[\n{body}\n]\n" if cold_rows else "[]\n", encoding="utf-8")
+    held = _make_split(out, "eval", 3, eval_n, seed, tasks, frames, size)
+    _write_jsonl(out / "eval.jsonl", [
+        {"id": it.id, "video": it.video_rel, "question": it.task.question, "options": list(it.task.options),
+         "answer": chr(ord("A") + it.k), "task": it.task.name}
+        for it in held
+    ])
+    return {"train": out / "train.jsonl", "coldstart": out / "coldstart.json", "eval": out / "eval.jsonl",
+            "videos": out / "videos"}
