@@ -47,6 +47,9 @@ def _tiny_corpus() -> list[str]:
     from tinyr1.synth import corpus_texts
 
     texts = [f"{SYSTEM} USER: ", " ASSISTANT:", SFT_SEPARATOR] + [R1_SUFFIX, R1_SUFFIX.lstrip()] * 4
+    # " \n" is one token in Qwen2.5 ("ĠĊ"): learn it so tokenizing a prompt whole vs. split at
+    # <image> differs here exactly as it does for the real tokenizer.
+    texts += ["USER: \nWhat"] * 16
     texts += corpus_texts() * 8
     texts += [" ".join("0123456789"), "0123456789", " ".join("ABCDE"), "A. B. C. D. E.", _COMMON_WORDS]
     texts += [_COMMON_WORDS.title(), " ".join(f"({c})" for c in "ABCDE")]

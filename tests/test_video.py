@@ -1,0 +1,135 @@
+"""Frame sampling and preprocessing on real clips, against PyAV and PIL as independent oracles."""
+
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tinyr1.errors import VideoError
+from tinyr1.video import _with_timeout, decode_frames, load_frames, preprocess, probe, sample_indices
+
+VIDEOS = Path(__file__).resolve().parents[1] / "../shared/videos"  # read-only, not copied
+# (file, frames, fps) as decord 0.6.0 reports them (shared/videos/README.md)
+CLIPS = [("demo.mp4", 280, 28.0), ("test.avi", 164, 25.0), ("flipping_a_pancake.mkv", 310, 30.0)]
+needs_clips = pytest.mark.skipif(not VIDEOS.is_dir(), reason="real clips in ../shared/videos/ are not present")
+
+
+def pyav_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])  # [N, H, W, 3]
+
+
+def write_clip(path: Path, frames: np.ndarray, codec: str = "libx264", fps: int = 8) -> None:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode(None))
+
+
+def test_sample_indices_match_original_linspace() -> None:
+    assert sample_indices(280, 16).tolist() == [0, 18, 37, 55, 74, 93, 111, 130, 148, 167, 186, 204, 223, 241, 260, 279]
+    assert sample_indices(5, 8).tolist() == [0, 0, 1, 1, 2, 2, 3, 4]  # short clip: frames repeat
+    assert sample_indices(1, 4).tolist() == [0, 0, 0, 0]
+    # fps mode: min(max_frames, max(1, int(duration * fps)))
+    assert len(sample_indices(280, 16, fps=1.0, max_frames=16, video_fps=28.0)) == 10
+    assert len(sample_indices(280, 16, fps=1.0, max_frames=4, video_fps=28.0)) == 4
+    assert len(sample_indices(280, 16, fps=2.0, max_frames=64, video_fps=28.0)) == 20
+    assert sample_indices(10, 16, fps=1.0, max_frames=16, video_fps=30.0).tolist() == [0]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        total, n = int(rng.integers(1, 2000)), int(rng.integers(1, 64))
+        want = [int(i * (total - 1) / (n - 1)) if n > 1 else 0 for i in range(n)]  # naive truncation
+        got = sample_indices(total, n).tolist()
+        assert all(abs(g - w) <= 1 for g, w in zip(got, want)) and got[0] == 0 and got[-1] == (total - 1 if n > 1 else 0)
+        assert got == sorted(got)
+
+
+@needs_clips
+@pytest.mark.parametrize(("name", "total", "fps"), CLIPS)
+def test_real_clips_same_pixels_as_pyav(name: str, total: int, fps: float) -> None:
+    path = VIDEOS / name
+    frames, idx, info = decode_frames(path, 16)
+    assert (info.num_frames, info.fps) == (total, fps)
+    assert idx.tolist() == np.linspace(0, total - 1, 16, dtype=int).tolist()
+    ref = pyav_frames(path)
+    assert len(ref) == total
+    assert frames.dtype == np.uint8 and frames.shape == (16, *ref.shape[1:])
+    np.testing.assert_array_equal(frames, ref[idx])  # exact: same decoder output
+    info2 = probe(path)
+    assert (info2.num_frames, info2.width, info2.height) == (total, ref.shape[2], ref.shape[1])
+
+
+@needs_clips
+def test_preprocess_matches_pil_bicubic_within_one_level() -> None:
+    Image = pytest.importorskip("PIL.Image")
+    frames, _, _ = decode_frames(VIDEOS / "demo.mp4", 4)
+    for size in (384, 224, 32):
+        x = preprocess(frames, size)  # [T, 3, S, S]
+        assert x.shape == (4, 3, size, size) and x.dtype == torch.float32
+        ref = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
+        ref_t = (torch.from_numpy(ref).permute(0, 3, 1, 2).double() / 255 - 0.5) / 0.5
+        diff = (x.double() - ref_t).abs() * 127.5  # in uint8 levels
+        assert diff.max().item() <= 1.0 + 1e-4
+        assert diff.mean().item() < 0.05
+
+
+def test_preprocess_identity_size_is_exact() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    x = preprocess(frames, 32)
+    ref = (frames.astype(np.float64).transpose(0, 3, 1, 2) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(x.numpy(), ref, atol=1e-6)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [("mp4", "libx264"), ("mkv", "libx264"), ("mov", "libx264"), ("avi", "mpeg4")])
+def test_containers_and_short_clip(tmp_path: Path, suffix: str, codec: str) -> None:
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
+    path = tmp_path / f"clip.{suffix}"
+    write_clip(path, src, codec)
+    ref = pyav_frames(path)
+    assert len(ref) == 5
+    frames, idx, info = decode_frames(path, 16)  # shorter than num_frames: indices repeat
+    assert info.num_frames == 5 and idx.tolist() == np.linspace(0, 4, 16, dtype=int).tolist()
+    np.testing.assert_array_equal(frames, ref[idx])
+    pixels = load_frames(path, 16, 32)
+    assert pixels.shape == (16, 3, 32, 32)
+    torch.testing.assert_close(pixels, preprocess(ref[idx], 32))
+
+
+def test_broken_files_raise_typed_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.mp4"
+    write_clip(good, np.zeros((8, 32, 32, 3), dtype=np.uint8))
+    data = good.read_bytes()
+    cases = {
+        "missing.mp4": (None, "not found"),
+        "empty.mp4": (b"", "empty"),
+        "text.mp4": (b"not a video\n" * 20, "cannot open"),
+        "truncated.mp4": (data[: len(data) // 2], "cannot open"),
+    }
+    for name, (content, cause) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        start = time.perf_counter()
+        with pytest.raises(VideoError) as err:
+            load_frames(path, 8, 32)
+        assert str(path) in str(err.value) and cause in str(err.value)
+        assert time.perf_counter() - start < 10
+    with pytest.raises(VideoError, match="not a regular file"):
+        load_frames(tmp_path, 8, 32)
+
+
+def test_watchdog_turns_a_hang_into_an_error(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    with pytest.raises(VideoError, match="did not finish within"):
+        _with_timeout(lambda: time.sleep(5), tmp_path / "stuck.mp4", 0.2)
+    assert time.perf_counter() - start < 2
+    assert _with_timeout(lambda: 7, tmp_path / "x.mp4", 5.0) == 7
+    with pytest.raises(ZeroDivisionError):
+        _with_timeout(lambda: 1 / 0, tmp_path / "x.mp4", 5.0)
