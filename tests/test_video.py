@@ -102,6 +102,16 @@ def test_containers_and_short_clip(tmp_path: Path, suffix: str, codec: str) -> N
     torch.testing.assert_close(pixels, preprocess(ref[idx], 32))
 
 
+@pytest.mark.parametrize("size", [16, 48])
+def test_sizes_decord_cannot_copy_fall_back_to_identical_pyav_pixels(tmp_path: Path, size: int) -> None:
+    src = np.random.default_rng(size).integers(0, 256, (6, size, size, 3), dtype=np.uint8)
+    path = tmp_path / "small.mp4"
+    write_clip(path, src)
+    frames, idx, info = decode_frames(path, 8)
+    np.testing.assert_array_equal(frames, pyav_frames(path)[idx])
+    assert (info.width, info.height) == (size, size) and probe(path).width == size
+
+
 def test_broken_files_raise_typed_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.mp4"
     write_clip(good, np.zeros((8, 32, 32, 3), dtype=np.uint8))

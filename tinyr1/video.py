@@ -143,6 +143,32 @@ def _count_and_fps(reader: Any, path: Path) -> tuple[int, float]:
     return total, (fps if np.isfinite(fps) and fps > 0 else 0.0)
 
 
+def _get_batch(reader: Any, path: Path, idx: np.ndarray) -> np.ndarray:
+    """decord's frames [T, H, W, 3]; PyAV for the frame sizes decord 0.6 cannot copy out.
+
+    decord 0.6 fails on some small widths (16, 24, 48 px: "DECORDArrayCopyFromTo: The size must
+    exactly match", a row-padding bug); PyAV decodes the same pixels (tested on real clips).
+    """
+    try:
+        return reader.get_batch(idx.tolist()).asnumpy()
+    except Exception as err:
+        if "DECORDArrayCopyFromTo" not in str(err):
+            raise
+    import av
+
+    wanted = set(idx.tolist())
+    found: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                found[i] = frame.to_ndarray(format="rgb24")  # [H, W, 3]
+            if len(found) == len(wanted):
+                break
+    if len(found) != len(wanted):
+        raise VideoError(f"{path}: only {len(found)} of the {len(wanted)} sampled frames could be decoded")
+    return np.stack([found[i] for i in idx.tolist()])  # [T, H, W, 3]
+
+
 def probe(path: str | os.PathLike[str], *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> VideoInfo:
     """Open a clip and read its frame count, fps and size without decoding every frame."""
     p = Path(path)
@@ -152,7 +178,7 @@ def probe(path: str | os.PathLike[str], *, timeout_s: float | None = DEFAULT_TIM
         reader = _open(p, 1)
         total, fps = _count_and_fps(reader, p)
         try:
-            first = reader.next().asnumpy()  # [H, W, 3]
+            first = _get_batch(reader, p, np.zeros(1, dtype=np.int64))[0]  # [H, W, 3]
         except Exception as err:
             raise VideoError(f"{p}: cannot decode the first frame ({_cause(err)}); the file is corrupt") from err
         return VideoInfo(p, total, fps, int(first.shape[1]), int(first.shape[0]))
@@ -178,7 +204,7 @@ def decode_frames(
         total, video_fps = _count_and_fps(reader, p)
         idx = sample_indices(total, num_frames, fps=fps, max_frames=max_frames, video_fps=video_fps)
         try:
-            frames = reader.get_batch(idx.tolist()).asnumpy()  # [T, H, W, 3] uint8
+            frames = _get_batch(reader, p, idx)  # [T, H, W, 3] uint8
         except Exception as err:
             raise VideoError(f"{p}: decoding frames failed ({_cause(err)}); the file is truncated or corrupt") from err
         if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
