@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,18 @@ LLM_PREFIX = "language_model."
 CONNECTOR_PREFIX = "connector._connector."
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class _DropMissingKernelsNotice(logging.Filter):
+    """bitsandbytes logs a WARNING on import (on CPUs with AVX512-BF16) when the optional `kernels`
+    package is absent, then uses its built-in CPU path, which is what we test and run: noise for users.
+    Registered before bitsandbytes (or peft, which imports it) is first imported by tinyr1."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMissingKernelsNotice())
 
 
 @dataclass
@@ -287,9 +300,11 @@ def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradie
     if train_connector:
         model.connector.requires_grad_(True)
     if gradient_checkpointing:
-        llm = model.llm  # newer transformers renamed the method; use whichever this version has
-        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm = model.llm  # transformers >= 5.2x renamed the method and its keyword; 5.17 has only the old one
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model.vision_tower.eval()
 
