@@ -22,7 +22,7 @@ N, H, V = 37, 45, 301
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref).norm() / ref.norm())
+    return float((x.detach().double() - ref.detach()).norm() / ref.detach().norm())
 
 
 def _reference(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,9 @@ Per-token log-probs of a GRPO update, forward + backward, at Qwen2.5-3B shapes
   triton  tinyr1's Triton kernels (CUDA)
   liger   liger-kernel's fused linear cross-entropy with reduction="none" (CUDA)
 Peak memory is what the call allocates above its inputs (CUDA: max_memory_allocated; CPU: live
-tensor bytes tracked by a TorchDispatchMode). Time is the median of --repeats runs after one
-warm-up run. Ratios are against naive. The naive path needs about 3 x N x V x 4 bytes.
+tensor bytes tracked by a TorchDispatchMode). Time is the median of --repeats runs per method
+after one warm-up run, the methods interleaved so a busy machine slows them alike.
+Ratios are against naive. The naive path needs about 3 x N x V x 4 bytes.
 
 Examples:
   tinyr1 bench kernels                                   # all methods that run here
@@ -150,7 +151,7 @@ def _kernels(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]bench kernels[/]: N={args.tokens} H={args.hidden} V={args.vocab} {dtype_name} "
                   f"T={args.temperature} entropy={args.entropy} on {_machine(device)}; "
-                  f"median of {args.repeats} after 1 warm-up")
+                  f"median of {args.repeats} interleaved runs after 1 warm-up")
 
     def show(r: BenchResult) -> None:
         console.print(f"  {r.method}: {r.seconds:.3f} s, peak {r.peak_bytes / 2**20:.1f} MiB")

@@ -61,7 +61,7 @@ class LiveBytes(TorchDispatchMode):
 @dataclass(frozen=True)
 class BenchResult:
     method: str
-    seconds: float  # median over repeats of forward + backward
+    seconds: float  # median over repeats of forward + backward (methods interleaved)
     peak_bytes: int  # allocated during the call, above the inputs
     max_abs_diff: float | None  # max |logp - logp_naive|, None when naive did not run
 
@@ -98,32 +98,29 @@ def _step_fn(method: str, temperature: float, with_entropy: bool, chunk_size: in
     return step
 
 
-def run_method(method: str, inputs: tuple[torch.Tensor, ...], temperature: float, repeats: int,
-               with_entropy: bool = False, chunk_size: int | None = None) -> tuple[float, int, torch.Tensor]:
-    """(median seconds, peak bytes, logp) for one method; the memory run doubles as the warm-up."""
+def measure_memory(step: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor]:
+    """(peak bytes allocated during one step above its inputs, logp); on CPU this is also the warm-up."""
     device = inputs[0].device
-    step = _step_fn(method, temperature, with_entropy, chunk_size)
-    _sync(device)
-    if device.type == "cuda":
-        step(*inputs)  # compile / autotune outside the measured runs
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        logp = step(*inputs)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
+    if device.type != "cuda":
         with LiveBytes() as live:
             logp = step(*inputs)
-        peak = live.peak
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        step(*inputs)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak, logp
+        return live.peak, logp
+    step(*inputs)  # compile Triton kernels outside the measured run
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    logp = step(*inputs)
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - base, logp
+
+
+def time_step(step: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> float:
+    device = inputs[0].device
+    _sync(device)
+    t0 = time.perf_counter()
+    step(*inputs)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device,
@@ -143,16 +140,22 @@ def bench_kernels(methods: list[str], tokens: int, hidden: int, vocab: int, dtyp
                   on_result: Callable[[BenchResult], None] | None = None) -> list[BenchResult]:
     """Run each method on the same inputs; logp of each is compared with naive's when naive ran."""
     inputs = make_inputs(tokens, hidden, vocab, dtype, device)
-    results: list[BenchResult] = []
-    reference: torch.Tensor | None = None
+    steps = {m: _step_fn(m, temperature, with_entropy, chunk_size) for m in methods}
+    memory: dict[str, tuple[int, torch.Tensor]] = {}
     for method in methods:
-        seconds, peak, logp = run_method(method, inputs, temperature, repeats, with_entropy, chunk_size)
-        if method == "naive":
-            reference = logp
-        diff = None if reference is None else float((logp - reference).abs().max())
-        results.append(BenchResult(method, seconds, peak, diff))
-        if on_result is not None:
-            on_result(results[-1])
+        memory[method] = measure_memory(steps[method], inputs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(repeats):  # interleaved, so a busy machine slows every method alike
+        for method in methods:
+            times[method].append(time_step(steps[method], inputs))
+    reference = memory["naive"][1] if "naive" in memory else None
+    results = []
+    for method in methods:
+        peak, logp = memory[method]
+        diff = None if reference is None else float((logp - reference).abs().max())
+        results.append(BenchResult(method, statistics.median(times[method]), peak, diff))
+        if on_result is not None:
+            on_result(results[-1])
     return results
