@@ -1,20 +1,58 @@
-"""Multiple-choice evaluation: greedy (deterministic) or sampled accuracy on a dataset.
+"""Multiple-choice evaluation (greedy or sampled accuracy on a dataset) and streamed answers.
 
 Generation reuses the rollout's prefix-shared sampler: with temperature 0 it is greedy, with
 `num_samples` > 1 at the training temperature it measures the quantity GRPO optimizes (the mean
-accuracy over samples). A missing or invalid `<answer>` counts as wrong — never a random letter.
+accuracy over samples). The prediction is the first character of the `<answer>` text when it is
+an option letter; a missing or invalid `<answer>` counts as wrong — never a random letter (the
+original eval scripts draw one, which inflates accuracy by up to 1 / #options on broken outputs).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.generation import BaseStreamer
 
 from tinyr1.errors import VideoError
 from tinyr1.model.tinyllava import TinyLlavaVideo
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+CATEGORY_KEYS = ("category", "task", "task_type", "question_type", "type", "domain")
+
+
+def extract_answer(text: str, num_options: int | None = None) -> str | None:
+    """The predicted option letter: the first character of the first `<answer>..</answer>` text
+    when it is an uppercase letter within the options; None when missing or invalid."""
+    m = _ANSWER_RE.search(text)
+    if m is None:
+        return None
+    body = m.group(1).strip()
+    if not body or not ("A" <= body[0] <= "Z"):
+        return None
+    if num_options is not None and ord(body[0]) - ord("A") >= num_options:
+        return None
+    return body[0]
+
+
+def think_length(text: str) -> int:
+    """Characters of the `<think>` text (0 without one): the length the format reward counts."""
+    m = _THINK_RE.search(text)
+    return len(m.group(1).strip()) if m else 0
+
+
+def category_of(sample: Any) -> str | None:
+    """A question category from the row (`category`, `task`, `task_type`, ...), when it has one."""
+    extra = getattr(sample, "extra", None) or {}
+    for key in CATEGORY_KEYS:
+        value = extra.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return None
 
 
 @dataclass
@@ -24,6 +62,32 @@ class EvalResult:
     n: int  # samples evaluated
     skipped: list[str] = field(default_factory=list)  # unreadable videos
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per completion
+
+    @property
+    def mean_think_chars(self) -> float:
+        return sum(r["think_chars"] for r in self.rows) / len(self.rows) if self.rows else 0.0
+
+    @property
+    def mean_tokens(self) -> float:
+        return sum(r["num_tokens"] for r in self.rows) / len(self.rows) if self.rows else 0.0
+
+    def by_category(self) -> dict[str, dict[str, float]]:
+        """{category: {n, accuracy, format_rate}} over completions; {} when no row has a category."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in self.rows:
+            if r.get("category") is not None:
+                groups.setdefault(str(r["category"]), []).append(r)
+        return {
+            name: {"n": len(g), "accuracy": sum(r["correct"] for r in g) / len(g),
+                   "format_rate": sum(r["formatted"] for r in g) / len(g)}
+            for name, g in sorted(groups.items())
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers `tinyr1 eval` prints and stores next to its per-sample JSONL."""
+        return {"n": self.n, "completions": len(self.rows), "accuracy": self.accuracy, "stderr": self.stderr,
+                "format_rate": self.format_rate, "mean_think_chars": self.mean_think_chars,
+                "mean_tokens": self.mean_tokens, "skipped": len(self.skipped), "by_category": self.by_category()}
 
     @property
     def stderr(self) -> float:
@@ -92,18 +156,98 @@ def evaluate(
             model, pids, vts, group_size=num_samples, max_new_tokens=max_new_tokens, eos_id=eos,
             temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
         )
-        texts = decode_completions(tokenizer, ids, completion_mask(ids, eos))
-        solutions = [f"<answer>{s.answer}</answer>" for s in batch for _ in range(num_samples)]
-        acc = REWARDS["accuracy"](texts, solution=solutions)
-        fmt = REWARDS["format_strict"](texts, solution=solutions)
+        cmask = completion_mask(ids, eos)  # [B*G, L]
+        texts = decode_completions(tokenizer, ids, cmask)
+        fmt = REWARDS["format_strict"](texts)
         for i, text in enumerate(texts):
             s = batch[i // num_samples]
+            pred = extract_answer(text, len(s.options) if s.options else None)
             rows.append({
-                "id": s.id, "answer": s.answer, "completion": text,
-                "correct": bool(acc[i] > 0), "formatted": bool(fmt[i] > 0),
+                "id": s.id, "sample": i % num_samples, "answer": s.answer, "prediction": pred,
+                "completion": text, "correct": pred is not None and pred == s.answer,
+                "formatted": bool(fmt[i] > 0), "think_chars": think_length(text),
+                "num_tokens": int(cmask[i].sum()), "category": category_of(s),
             })
     model.train(was_training)
     n = len(rows) // max(num_samples, 1)
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
     format_rate = sum(r["formatted"] for r in rows) / len(rows) if rows else 0.0
     return EvalResult(accuracy, format_rate, n, skipped, rows)
+
+
+class TokenStreamer(BaseStreamer):
+    """Hands each newly generated piece of text to `on_text` as soon as its token is produced.
+
+    HF `generate` calls `put` with the prompt first (an empty tensor when it runs on
+    `inputs_embeds`), then with one token per step, then `end`. A piece whose last character is an
+    incomplete UTF-8 sequence (U+FFFD) waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None], *, skip_prompt: bool = True) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.skip_prompt = skip_prompt
+        self.ids: list[int] = []
+        self.printed = 0
+        self.puts = 0  # generation steps seen (tests check that text arrives step by step)
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("TokenStreamer streams one sequence at a time (batch size 1)")
+        if self.skip_prompt:
+            self.skip_prompt = False
+            return
+        self.puts += 1
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed :])
+            self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.on_text(text[self.printed :])
+            self.printed = len(text)
+
+
+@torch.no_grad()
+def answer_question(
+    model: TinyLlavaVideo,
+    tokenizer: Any,
+    pixels: torch.Tensor,
+    question: str,
+    *,
+    options: list[str] | None = None,
+    prompt_mode: str = "eval",
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    streamer: Any = None,
+) -> tuple[str, str | None]:
+    """One question about one clip through HF `generate` (streamable): (completion, letter | None).
+
+    pixels [T, 3, S, S]; greedy unless temperature > 0. The options are listed under the question
+    ("A. ..." lines) exactly as in the datasets.
+    """
+    from tinyr1.prompts import question_with_options
+
+    model.eval()
+    pids = prompt_tensor(tokenizer, question_with_options(question, options), prompt_mode)  # [P]
+    video = model.encode_video(pixels)  # [Q, D]
+    eos = tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": eos}
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    out = model.generate([pids], [video], streamer=streamer, **kwargs)  # [1, L_new]
+    ids = out[0].tolist()
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text, extract_answer(text, len(options) if options else None)
