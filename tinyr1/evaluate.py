@@ -9,8 +9,10 @@ original eval scripts draw one, which inflates accuracy by up to 1 / #options on
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +148,7 @@ def evaluate(
                 vts.append(model.encode_video(load_frames(s)))
                 batch.append(s)
             except VideoError as err:
-                skipped.append(f"{s.video}: {err}")
+                skipped.append(f"{s.id}: {err}")
         if on_batch is not None:
             on_batch(len(samples[start : start + batch_size]))
         if not batch:
@@ -251,3 +253,27 @@ def answer_question(
         ids = ids[: ids.index(eos)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return text, extract_answer(text, len(options) if options else None)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT asks transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on >= 5.2x):
+    noise for users of `eval`/`generate`/`merge`, where nothing trains."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def load_for_inference(
+    model_dir: str, adapter: str | None = None, *, quant: str = "none", dtype: str = "auto", device: str = "auto"
+) -> Any:
+    """A checkpoint (+ LoRA adapter and connector, applied on top, never merged) ready to generate."""
+    from tinyr1.model.loading import load_adapter, load_tinyllava
+
+    loaded = load_tinyllava(model_dir, quant=quant, dtype=dtype, device=device)  # type: ignore[arg-type]
+    if adapter is not None:
+        with quiet_peft():
+            load_adapter(loaded.model, adapter)
+        loaded.model.to(loaded.model.device)
+    loaded.model.eval()
+    return loaded

@@ -198,6 +198,7 @@ def merge_adapter(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Merge `adapter` into the unquantized `base` and write a release folder at `out`."""
+    from tinyr1.evaluate import quiet_peft
     from tinyr1.model.loading import load_adapter, load_tinyllava
     from tinyr1.model.writing import write_checkpoint
 
@@ -215,7 +216,8 @@ def merge_adapter(
     info = check_adapter(adapter, shapes, base_dir)
     dtype = resolve_merge_dtype(dtype, raw)
     loaded = load_tinyllava(base_dir, quant="none", dtype=dtype, device=device, load_tokenizer=False)
-    load_adapter(loaded.model, info.path)
+    with quiet_peft():
+        load_adapter(loaded.model, info.path)
     state = merged_state(loaded.model)
     tied = bool(loaded.cfg.qwen2().tie_word_embeddings)
     state = complete_state({k: v.cpu() for k, v in state.items()}, base_dir, shapes, tied=tied)
