@@ -18,18 +18,16 @@ from tinyr1.errors import DataError
 
 
 def sft_pair(tokenizer: Any, sample: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt ids [P] with the -200 sentinel, target ids [A] = " answer" + EOS) for one sample."""
-    from tinyr1.prompts import build_prompt, render_chat
+    """(prompt ids [P] with the -200 sentinel, target ids [A] = " answer" + EOS) for one sample.
+
+    The generation prompt ends in "ASSISTANT:"; the answer follows after one space, as in the
+    original `ASSISTANT: {answer}<|endoftext|>` rendering.
+    """
+    from tinyr1.data import sft_pair as texts
+    from tinyr1.prompts import render_chat
     from tinyr1.tokenizer import tokenize_prompt
 
-    conv = sample.extra.get("conversations")
-    if conv:
-        human = next(t["value"] for t in conv if t.get("from") == "human")
-        answer = next(t["value"] for t in conv if t.get("from") == "gpt")
-    elif sample.extra.get("response"):
-        human, answer = build_prompt(sample.question, mode="train"), sample.extra["response"]
-    else:
-        raise DataError(f"cold-start sample {sample.id} has no assistant answer (conversations/gpt)")
+    human, answer = texts(sample)
     prompt = torch.tensor(tokenize_prompt(tokenizer, render_chat(human)))
     target = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt, torch.tensor(target)

@@ -265,7 +265,7 @@ class RunLogger:
         with (self.run_dir / EVAL_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), **_to_json_value(metrics)}) + "\n")
         parts = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-        self.console.print(f"eval at step {step + 1}: {parts}", highlight=False, markup=False)
+        self.console.print(f"eval after {step} GRPO steps: {parts}", highlight=False, markup=False)
 
     @staticmethod
     def summary(metrics: dict[str, Any]) -> str:

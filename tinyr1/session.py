@@ -104,8 +104,11 @@ def total_steps(cfg: Config, n_train: int) -> int:
     return cfg.train.steps or max(n_train // cfg.rollout.prompts_per_step, 1)
 
 
-def train(cfg: Config, *, resume: Path | None = None, console: Console | None = None) -> Path:
-    """Run the configured pipeline; returns the run folder."""
+def train(
+    cfg: Config, *, resume: Path | None = None, console: Console | None = None, stop_after: int | None = None
+) -> Path:
+    """Run the configured pipeline; returns the run folder. `stop_after` stops (with a checkpoint)
+    after that many GRPO steps, as Ctrl-C would."""
     from tinyr1.coldstart import run_coldstart
     from tinyr1.feed import SampleFeeder
     from tinyr1.kernels import resolve_backend
@@ -154,7 +157,7 @@ def train(cfg: Config, *, resume: Path | None = None, console: Console | None = 
                             generator=generator, train_connector=cfg.model.train_connector)
         feeder = SampleFeeder(train_set, load, seed=cfg.train.seed, max_bad_fraction=cfg.data.max_bad_fraction,
                               state=state, on_skip=logger.note)
-        state = grpo_loop(ctx, run_dir, state, feeder, steps, logger, evaluate_at)
+        state = grpo_loop(ctx, run_dir, state, feeder, steps, logger, evaluate_at, stop_after)
         if state.step >= steps:
             save_final(ctx, run_dir)
             if eval_set:

@@ -83,8 +83,7 @@ def rollout_step(ctx: Ctx, batch: list[tuple[Any, torch.Tensor]]) -> tuple[Rollo
     g = ro.num_generations
     columns: dict[str, list[Any]] = {}
     for s, _ in batch:
-        row = {**s.extra, "answer": s.answer, "solution": s.extra.get("solution", f"<answer>{s.answer}</answer>")}
-        for key, value in row.items():
+        for key, value in s.columns().items():
             columns.setdefault(key, []).extend([value] * g)
     per_reward, total = compute_rewards(ctx.reward_funcs, texts, columns)  # [B*G, R], [B*G]
     adv, _ = group_advantages(
@@ -213,8 +212,11 @@ def completion_rows(ro: Rollout, samples: list[Any], step: int) -> list[dict[str
 
 
 def grpo_loop(ctx: Ctx, run_dir: Path, state: TrainState, feeder: SampleFeeder, total_steps: int,
-              logger: Any, evaluate_fn: Any) -> TrainState:
-    """Run GRPO steps from `state.step` to `total_steps`, saving and evaluating on schedule."""
+              logger: Any, evaluate_fn: Any, stop_after: int | None = None) -> TrainState:
+    """Run GRPO steps from `state.step` to `total_steps`, saving and evaluating on schedule.
+
+    `stop_after` behaves like a SIGINT after that step (save, then return): used to test resume.
+    """
     from tinyr1.log import PEAK_MEMORY, ROLLOUT_TIME, STEP_TIME, UPDATE_TIME, peak_memory_bytes
 
     cfg = ctx.cfg
@@ -235,6 +237,7 @@ def grpo_loop(ctx: Ctx, run_dir: Path, state: TrainState, feeder: SampleFeeder, 
             logger.log_completions(state.step, completion_rows(ro, [s for s, _ in batch], state.step))
             state = replace(feeder.state(), step=state.step + 1, coldstart_done=state.coldstart_done)
             done = state.step >= total_steps
+            flag.stop = flag.stop or state.step == stop_after
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not done:
                 evaluate_fn(state.step)
             if flag.stop or done or (cfg.train.save_every and state.step % cfg.train.save_every == 0):

@@ -238,6 +238,10 @@ def quantize_llm_nf4(llm: nn.Module, *, compute_dtype: torch.dtype, device: torc
             )
             if lin.bias is not None:
                 q.bias = nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+            # On CPUs with AVX512-BF16, bitsandbytes repacks weights for inference the first time the
+            # layer runs in eval mode and keeps that layout; the packed path has no autograd, so a
+            # later training forward breaks. Generation and updates alternate here: keep one layout.
+            q.support_avx512bf16_for_cpu = False
             q = q.to(device)  # quantization happens on this transfer
             parent_name, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent_name) if parent_name else layer, child, q)
