@@ -121,8 +121,7 @@ def _render_direction(rng: np.random.Generator, k: int, frames: int, size: int) 
 TASKS: dict[str, Task] = {
     "color": Task(
         "color", "What colour is the square?", tuple(PALETTE), _render_color,
-        ("The square is {option} in every frame. {Option} is option {letter}.",
-         "I see a {option} square moving around, so the answer is {letter}."),
+        ("The square is {option}.", "I see a {option} square."),
     ),
     "count": Task(
         "count", "How many squares are there?", ("1", "2", "3", "4"), _render_count,

@@ -38,7 +38,7 @@ _COMMON_WORDS = (
     "red green blue yellow one two three four five count move moves moving stays starts ends option "
     "options answer think see I count number"
 )
-TINY_VOCAB_SIZE = 512  # BPE part (256 bytes + merges); the 5 added tokens come after it
+TINY_VOCAB_SIZE = 768  # BPE part (256 bytes + merges); the 5 added tokens come after it
 
 
 def _tiny_corpus() -> list[str]:
@@ -46,7 +46,8 @@ def _tiny_corpus() -> list[str]:
     first; the constant system prompt is prefilled once per prompt and may stay in pieces."""
     from tinyr1.synth import corpus_texts
 
-    texts = [f"{SYSTEM} USER: ", " ASSISTANT:", SFT_SEPARATOR] + [R1_SUFFIX, R1_SUFFIX.lstrip()] * 4
+    # The system prompt is in every prompt: whole-word tokens keep the tiny demo's sequences short.
+    texts = [f"{SYSTEM} USER: ", " ASSISTANT:", SFT_SEPARATOR] * 8 + [R1_SUFFIX, R1_SUFFIX.lstrip()] * 4
     # " \n" is one token in Qwen2.5 ("ĠĊ"): learn it so tokenizing a prompt whole vs. split at
     # <image> differs here exactly as it does for the real tokenizer.
     texts += ["USER: \nWhat"] * 16
