@@ -162,7 +162,29 @@ def train(
             save_final(ctx, run_dir)
             if eval_set:
                 evaluate_at(state.step)
+                print_eval_summary(run_dir, console)
     return run_dir
+
+
+def print_eval_summary(run_dir: Path, console: Console) -> None:
+    """Held-out accuracy before and after GRPO, side by side, with standard errors."""
+    from rich.table import Table
+
+    from tinyr1.log import read_eval
+
+    rows = read_eval(run_dir)
+    if len(rows) < 2:
+        return
+    first, last = rows[0], rows[-1]
+    table = Table(title=f"held-out accuracy ({int(last.get('n', 0))} clips)")
+    for col in ("", "greedy", "sampled (T, 4 per clip)", "format"):
+        table.add_column(col)
+    for name, r in ((f"after cold start (step {first['step']})", first), (f"after GRPO (step {last['step']})", last)):
+        table.add_row(name, f"{r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f}", f"{r['sampled_accuracy']:.3f}",
+                      f"{r['format_rate']:.3f}")
+    table.add_row("GRPO gain", f"{last['accuracy'] - first['accuracy']:+.3f}",
+                  f"{last['sampled_accuracy'] - first['sampled_accuracy']:+.3f}", "")
+    console.print(table)
 
 
 def run_eval(cfg: Config, ctx: Ctx, samples: list[Any], load: Any, logger: Any, step: int) -> dict[str, float]:
