@@ -21,7 +21,10 @@ from tinyr1.model.resampler import sinusoidal_encoding
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
 from tinyr1.model.writing import tiny_config, write_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [  # library noise: PEFT reads a deprecated property; bitsandbytes' torch.compile import
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 VOCAB, EOS = 96, 2
 IMG = -200

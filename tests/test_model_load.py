@@ -253,3 +253,11 @@ def test_init_tiny_rejects_bad_sizes(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["init-tiny", str(tmp_path / "x"), *args]) == 2
     assert args[0] in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_config_weight_shape_mismatch_names_the_tensor(good: Path) -> None:
+    cfg = json.loads((good / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 200
+    (good / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"language_model\.model\.layers\.0\.mlp\.gate_proj\.weight \(256, 128\)"):
+        load(good)

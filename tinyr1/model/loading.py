@@ -164,13 +164,19 @@ def build_model(
 
     with init_empty_weights(include_buffers=False):
         model = TinyLlavaVideo(cfg, attn_implementation=attn_implementation, truncate_vision=truncate_vision)
-    expected = model.state_dict().keys()
+    own = model.state_dict()  # meta tensors: names and shapes the config implies
+    expected = own.keys()
     tied = bool(cfg.qwen2().tie_word_embeddings)
     lm_head = LLM_PREFIX + "lm_head.weight"
     missing = [k for k in expected if k not in state and not (tied and k == lm_head)]
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise CheckpointError(f"{source}: weights missing for {shown}; the checkpoint does not match its config.json")
+    wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(own[k].shape)})"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if wrong:
+        shown = ", ".join(wrong[:4]) + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise CheckpointError(f"{source}: tensor shapes do not match config.json: {shown}")
     cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items() if k in expected}
     model.load_state_dict(cast, strict=False, assign=True)
     if tied:
