@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 ORDER = 35
 
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tinyr1.errors import ConfigError
+    from tinyr1.errors import ConfigError, VideoError
     from tinyr1.evaluate import TokenStreamer, answer_question, load_for_inference
     from tinyr1.video import load_frames
 
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens and --frames must be at least 1")
     if args.options is not None and len(args.options) > 26:
         raise ConfigError(f"--options: at most 26 options (A-Z), got {len(args.options)}")
+    if not Path(args.video).is_file():
+        raise VideoError(f"--video {args.video}: no such file; pass the path of a video (mp4, mkv, webm, ...)")
     console = Console(stderr=True)
     loaded = load_for_inference(args.model, args.adapter, quant=args.quant, dtype=args.dtype, device=args.device)
     pixels = load_frames(args.video, args.frames or loaded.cfg.group, loaded.cfg.image_size)  # [T, 3, S, S]
