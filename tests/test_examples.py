@@ -1,0 +1,135 @@
+"""examples/ and docs/USAGE_release.md: scripts have their header, every `tinyr1` command in them
+parses with the real CLI (and its `--set` keys validate against the preset), the custom reward
+plugs in by `module:function`, and (slow) the tiny CPU pipeline and the documented commands run
+end to end as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinyr1.cli import build_parser
+from tinyr1.config import load_config
+from tinyr1.rewards import compute_rewards, resolve_rewards
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+USAGE = ROOT / "docs" / "USAGE_release.md"
+SCRIPTS = ("tiny_cpu.sh", "nextqa_24gb.sh", "custom_reward.py")
+QUICK_TRAIN = ["--set", "coldstart.steps=2", "--set", "train.steps=2", "--set", "data.synth_n=32",
+               "--set", "data.synth_eval_n=16", "--set", "rollout.prompts_per_step=2",
+               "--set", "rollout.num_generations=4", "--set", "train.micro_batch_size=8", "--set", "log.progress=false"]
+
+
+def tinyr1_commands(text: str) -> list[list[str]]:
+    """Every `tinyr1 ...` invocation in a shell script or markdown, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line.startswith("tinyr1 "):
+            out.append(shlex.split(line.split(" #")[0]))
+    return out
+
+
+def with_dummy_values(argv: list[str]) -> list[str]:
+    """Shell variables -> placeholders (counts for *_N / *_STEPS, else paths); "${X[@]}" dropped."""
+    out = []
+    for tok in argv:
+        if re.fullmatch(r"\$\{\w+\[@\]\}", tok):
+            continue
+        out.append(re.sub(r"\$\{?(\w+)\}?", _placeholder, tok))
+    return out
+
+
+def _placeholder(m: re.Match[str]) -> str:
+    name = m.group(1)
+    return "2" if name.endswith(("_N", "_STEPS")) else f"/tmp/{name.lower()}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_have_a_header_saying_what_they_need_and_take(name: str) -> None:
+    head = (EXAMPLES / name).read_text().split("\n\n")[0] + (EXAMPLES / name).read_text()[:3000]
+    assert "Needs:" in head and "Takes:" in head, f"{name}: header must say what it needs and how long it takes"
+    if name.endswith(".sh"):
+        assert subprocess.run(["bash", "-n", str(EXAMPLES / name)], capture_output=True).returncode == 0
+        assert (EXAMPLES / name).stat().st_mode & 0o111, f"{name} should be executable"
+
+
+@pytest.mark.parametrize("source", ["tiny_cpu.sh", "nextqa_24gb.sh", "USAGE_release.md"])
+def test_every_tinyr1_command_parses(source: str) -> None:
+    text = (USAGE if source.endswith(".md") else EXAMPLES / source).read_text()
+    commands = tinyr1_commands(text)
+    assert len(commands) >= 4
+    parser = build_parser()
+    seen = set()
+    for argv in commands:
+        args = parser.parse_args(with_dummy_values(argv[1:]))
+        seen.add(args.command)
+        if args.command == "train" and getattr(args, "preset", None):
+            overrides = [o for o in args.overrides if "custom_reward" not in o]
+            load_config(args.preset, overrides)  # every --set key exists and validates
+    assert {"train", "eval", "merge"} <= seen
+
+
+def test_custom_reward_plugs_in_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    funcs = resolve_rewards({"custom_reward:concise_think": 1.0, "custom_reward:names_the_answer": 2.0})
+    completions = [
+        f"<think>{'x' * 10}</think> <answer>A</answer>",  # short: 10 / 20
+        "<think>The square is red in every frame.</think> <answer>A</answer>",  # in range, names A
+        f"<think>{'y' * 600} blue</think> <answer>C</answer>",  # 605 chars: 1 - 205 / 400
+        "<answer>A</answer>",  # no think
+    ]
+    columns = {"answer": ["A", "A", "C", "A"], "solution": ["<answer>A</answer>"] * 4,
+               "options": [["red", "green", "blue", "yellow"]] * 4}
+    per, total = compute_rewards(funcs, completions, columns)
+    want_concise = [0.5, 1.0, 1 - 205 / 400, 0.0]
+    want_names = [0.0, 1.0, 1.0, 0.0]
+    assert per[:, 0].tolist() == pytest.approx(want_concise)
+    assert per[:, 1].tolist() == pytest.approx(want_names)
+    assert total.tolist() == pytest.approx([c + 2 * n for c, n in zip(want_concise, want_names)])
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 1800) -> str:
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_tiny_cpu_script_end_to_end(tmp_path: Path) -> None:
+    if shutil.which("tinyr1") is None:
+        pytest.skip("the `tinyr1` command is not on PATH (pip install -e .)")
+    env = dict(os.environ, QUICK="1")
+    out = _run(["bash", str(EXAMPLES / "tiny_cpu.sh"), str(tmp_path / "demo")], cwd=tmp_path, env=env)
+    work = tmp_path / "demo"
+    assert (work / "run" / "final" / "adapter_config.json").is_file()
+    assert (work / "merged" / "config.json").is_file() and (work / "merged" / "README.md").is_file()
+    adapter = json.loads((work / "eval" / "adapter.summary.json").read_text())
+    merged = json.loads((work / "eval" / "merged.summary.json").read_text())
+    assert adapter["n"] == merged["n"] == 16
+    assert "accuracy: base + adapter" in out
+    assert re.search(r"^answer: ", out, re.MULTILINE), out[-2000:]
+
+
+@pytest.mark.slow
+def test_usage_doc_commands_run_as_written(tmp_path: Path) -> None:
+    """The documented train command (made quick with extra --set values), then every other
+    documented command exactly as written, from a fresh folder."""
+    commands = tinyr1_commands(USAGE.read_text())
+    assert commands[0][:2] == ["tinyr1", "train"]
+    cli = [sys.executable, "-m", "tinyr1"]
+    _run(cli + commands[0][1:] + QUICK_TRAIN, cwd=tmp_path)
+    outputs = [_run(cli + argv[1:], cwd=tmp_path) for argv in commands[1:]]
+    assert any(re.search(r"^answer: ", o, re.MULTILINE) for o in outputs)
+    assert (tmp_path / "release" / "tiny-demo" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny-demo" / "heldout-merged.summary.json").is_file()
