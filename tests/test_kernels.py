@@ -117,6 +117,16 @@ def test_no_grad_int32_targets_and_no_entropy() -> None:
             assert _rel(lp, lp_ref) < 1e-5, backend
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_tokens(backend: str) -> None:
+    h, w, t = _inputs(torch.float32, n=0)
+    h.requires_grad_()
+    lp, ent = token_logprobs(h, w, t, with_entropy=True, backend=backend)  # type: ignore[arg-type]
+    assert lp.shape == (0,) and ent is not None and ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert h.grad is not None and h.grad.shape == (0, H)
+
+
 def test_torch_path_never_holds_tokens_by_vocab() -> None:
     """Peak live bytes of forward + backward stay far below one [N, V] fp32 tensor (naive holds several)."""
     n, vocab = 64, 40_000

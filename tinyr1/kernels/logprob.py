@@ -108,7 +108,11 @@ def token_logprobs(
     _check_inputs(hidden, weight, targets, temperature)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if resolve_backend(backend, hidden.device) == "triton":
+    resolved = resolve_backend(backend, hidden.device)
+    if hidden.shape[0] == 0:  # nothing to launch; keep the graph connected for a later backward
+        empty = hidden.float().sum(1)  # [0]
+        return empty, (empty.clone() if with_entropy else None)
+    if resolved == "triton":
         from tinyr1.kernels.logprob_triton import triton_token_logprobs
 
         return triton_token_logprobs(hidden, weight, targets.long(), float(temperature), with_entropy, chunk_size)

@@ -37,9 +37,9 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, n_hidden, s_hn, s_hk, s_
         hb = tl.load(h_ptr + rows[:, None] * s_hn + ks[None, :] * s_hk, mask=rmask[:, None] & kmask[None, :], other=0.0)
         wb = tl.load(w_ptr + cols[:, None] * s_wv + ks[None, :] * s_wk, mask=cmask[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
-            hb = hb.to(tl.float32)
-            wb = wb.to(tl.float32)
-        acc = tl.dot(hb, tl.trans(wb), acc, input_precision=PRECISION)
+            acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision=PRECISION)
+        else:  # bf16/fp16 operands, fp32 accumulation
+            acc = tl.dot(hb, tl.trans(wb), acc)
     return acc * inv_t
 
 
