@@ -5,8 +5,10 @@
 # Needs:  tinyr1 installed (`pip install -e .` in the repository), any CPU, ~2 GB RAM,
 #         ~100 MB of disk; no GPU, no network (the tiny model and the videos are generated here).
 # Takes:  QUICK=1 (a smoke test with 2 cold-start + 2 GRPO steps; its numbers mean nothing):
-#         about 2-4 minutes on 2 cores. Default (40 cold-start + 60 GRPO steps on 500 clips,
-#         evaluation on 200 held-out clips): roughly 15-30 minutes on 2 cores, most of it GRPO.
+#         6.5 minutes measured on a busy 2-core machine (less on an idle one). Default (40
+#         cold-start + 60 GRPO steps of 8 prompts x 8 completions on 500 clips, evaluation on 200
+#         held-out clips): an estimate of 30-60 minutes on 2 cores from the per-step times of the
+#         quick run, about half of it GRPO; lower GRPO_STEPS / EVAL_N to go faster.
 # Usage:  bash examples/tiny_cpu.sh [WORK_DIR]       (default: tiny_demo; it must not exist yet)
 # Knobs (environment variables):
 #   QUICK=1             smoke-test sizes
