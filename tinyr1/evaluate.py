@@ -119,7 +119,7 @@ def evaluate(
     tokenizer: Any,
     samples: Sequence[Any],
     *,
-    load_frames: Callable[[Any], torch.Tensor],
+    load_frames: Callable[[Any], torch.Tensor | None],
     max_new_tokens: int,
     batch_size: int = 16,
     temperature: float = 0.0,
@@ -143,15 +143,21 @@ def evaluate(
     skipped: list[str] = []
     for start in range(0, len(samples), batch_size):
         batch, vts = [], []
-        for s in samples[start : start + batch_size]:
+        chunk = samples[start : start + batch_size]
+        for s in chunk:
             try:
-                vts.append(model.encode_video(load_frames(s)))
-                batch.append(s)
+                frames = load_frames(s)  # [T, 3, S, S], or None from a loader that skips bad videos itself
             except VideoError as err:
                 skipped.append(f"{s.id}: {err}")
-        if on_batch is not None:
-            on_batch(len(samples[start : start + batch_size]))
+                continue
+            if frames is None:
+                skipped.append(f"{s.id}: {s.video}: unreadable video")
+                continue
+            vts.append(model.encode_video(frames))
+            batch.append(s)
         if not batch:
+            if on_batch is not None:
+                on_batch(len(chunk))
             continue
         pids = [prompt_tensor(tokenizer, s.question, prompt_mode) for s in batch]
         ids, _ = sample_group(
@@ -170,6 +176,8 @@ def evaluate(
                 "formatted": bool(fmt[i] > 0), "think_chars": think_length(text),
                 "num_tokens": int(cmask[i].sum()), "category": category_of(s),
             })
+        if on_batch is not None:
+            on_batch(len(chunk))
     model.train(was_training)
     n = len(rows) // max(num_samples, 1)
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
