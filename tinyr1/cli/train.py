@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tinyr1.config import Config
 
 ORDER = 10
 
@@ -35,7 +39,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value, same spelling as the TOML (repeatable)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the memory planner's check that the run fits the GPU (see `tinyr1 plan`)")
     p.set_defaults(func=run)
+
+
+def _check_memory(cfg: Config, no_check: bool) -> None:
+    """Refuse a GPU run the planner says cannot fit, before any weights load (CPU runs are not checked)."""
+    from tinyr1.memory import GiB, check_fits, nominal_gpu_gb
+
+    if no_check or cfg.model.device == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
+        gb = nominal_gpu_gb(cfg.preset)
+        if gb is None:
+            return
+        gpu = int(gb * GiB)
+    check_fits(cfg, gpu)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
         if args.overrides:
             raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
+        _check_memory(cfg, args.no_check)
         out = train(cfg, resume=run_dir, console=console)
     else:
         source = args.config or args.preset
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
+        _check_memory(cfg, args.no_check)
         out = train(cfg, console=console)
     console.print(f"run folder: {out}")
     return 0

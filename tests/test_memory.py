@@ -1,0 +1,174 @@
+"""The memory planner against what really lives: peak live tensor bytes measured on the CPU.
+
+Activations are compared with `LiveTensorBytes` (a TorchDispatchMode) around a real rollout and a
+real update micro-batch of tiny models; weights, NF4 storage, LoRA and optimizer states against the
+bytes of the real modules and bitsandbytes states. Allocator/CUDA-context overheads are modelled
+lines the CPU cannot check and are left out here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyr1.cli import main
+from tinyr1.config import load_config
+from tinyr1.errors import ConfigError
+from tinyr1.memory import (
+    Arch,
+    GiB,
+    RunShape,
+    advise,
+    check_fits,
+    estimate,
+    need_bytes,
+    verdict,
+    weight_lines,
+)
+from tinyr1.memory_measure import LiveTensorBytes, measure_phases, module_bytes, tensor_bytes
+from tinyr1.model.loading import add_lora, prepare_for_training, quantize_llm_nf4, trainable_parameters
+from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+from tinyr1.model.writing import tiny_config
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _kv_expand_decode() -> bool:
+    """transformers versions without `pack_gqa` repeat K/V to all heads when decoding with a mask."""
+    from transformers.integrations import sdpa_attention
+
+    return not hasattr(sdpa_attention, "pack_gqa")
+
+
+def _tiny_cfg(frames: int, hidden: int = 128, ffn: int = 512, layers: int = 3, vocab: int = 2048) -> TinyLlavaConfig:
+    raw = tiny_config(vocab, 3, frames=frames)
+    raw["text_config"].update(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers)
+    raw["hidden_size"] = hidden
+    return TinyLlavaConfig.from_dict(raw)
+
+
+def test_tracker_counts_live_storages_once() -> None:
+    x = torch.randn(1000)  # made before the mode: not counted
+    with LiveTensorBytes() as live:
+        a = torch.empty(256)  # 1 KiB
+        b = a.view(16, 16)  # a view: no new storage
+        c = x * 2  # 4000 B
+        c.add_(1)  # in place: nothing new
+        del a, b
+        d = torch.empty(64, dtype=torch.float64)  # 512 B, allocated after a's storage died
+    assert live.peak == 1024 + 4000
+    assert live.current == 4000 + 512
+    del c, d
+    assert live.current == 0
+
+
+@pytest.mark.parametrize(
+    "frames,group,new_tokens,prompts,micro,dtype,dropout",
+    [
+        (4, 4, 16, 2, 4, "fp32", 0.05),  # decode (KV cache) and layer backward dominate
+        (8, 2, 8, 2, 2, "fp32", 0.05),  # many frames, short completions: prefill and connector
+        (2, 8, 16, 1, 8, "bf16", 0.0),  # 16-bit path: fp32 copies for the LoRA inputs and norms
+    ],
+)
+def test_planner_within_20_percent_of_measured_peaks(frames, group, new_tokens, prompts, micro, dtype, dropout) -> None:
+    cfg = _tiny_cfg(frames)
+    torch.manual_seed(0)
+    model = TinyLlavaVideo(cfg).to(DTYPES[dtype])
+    model.requires_grad_(False)
+    add_lora(model, r=8, alpha=16, dropout=dropout, target_modules=TARGETS)
+    prepare_for_training(model, train_connector=True, gradient_checkpointing=True)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ()).item()))
+    prompt_tokens = 24
+    prompt_ids, pixels = [], []
+    for _ in range(prompts):
+        row = torch.randint(4, cfg.qwen2().vocab_size, (prompt_tokens,), generator=gen)
+        row[3] = -200  # the <image> sentinel
+        prompt_ids.append(row)
+        pixels.append(torch.randn(frames, 3, 32, 32, generator=gen))
+    rollout, update = measure_phases(model, prompt_ids, pixels, group_size=group, max_new_tokens=new_tokens,
+                                     micro_batch=micro)
+    shape = RunShape(prompts=prompts, group_size=group, frames=frames, prompt_tokens=prompt_tokens,
+                     max_new_tokens=new_tokens, micro_batch=micro, lora_r=8, lora_targets=tuple(TARGETS),
+                     lora_dropout=dropout, dtype=dtype, quant="none", device="cpu", logprob_backend="torch",
+                     liger=False, top_k=0, kv_expand_decode=_kv_expand_decode(), train_connector=True)
+    est = estimate(Arch.from_tinyllava(cfg), shape)
+    planned_rollout = est.phase_total("rollout", ("kept", "activation"))  # all made during the rollout
+    planned_update = est.phase_total("update", ("activation",))  # features/tokens/grads existed before
+    assert planned_rollout == pytest.approx(rollout, rel=0.2), est.moments
+    assert planned_update == pytest.approx(update, rel=0.2), est.moments
+
+
+def test_weights_nf4_lora_and_8bit_optimizer_bytes_match_the_real_modules() -> None:
+    import bitsandbytes as bnb
+
+    cfg = _tiny_cfg(4, hidden=256, ffn=1024, layers=2)
+    model = TinyLlavaVideo(cfg).to(torch.bfloat16)
+    model.requires_grad_(False)
+    quantize_llm_nf4(model.llm, compute_dtype=torch.bfloat16, device=torch.device("cpu"))
+    add_lora(model, r=8, alpha=16, dropout=0.05, target_modules=TARGETS)
+    prepare_for_training(model, train_connector=True, gradient_checkpointing=False)
+    shape = RunShape(dtype="bf16", quant="nf4", lora_r=8, device="cpu", optimizer="adamw8bit", train_connector=True)
+    lines = {ln.name: ln.rollout for ln in weight_lines(Arch.from_tinyllava(cfg), shape)}
+    llm = model.llm.model
+    base_linears = [m.base_layer for m in llm.layers.modules() if hasattr(m, "base_layer")]
+    norms_biases = [p for n, p in llm.layers.named_parameters() if "lora_" not in n and p.dtype != torch.uint8]
+    measured_layers = sum(module_bytes(m) for m in base_linears) + tensor_bytes(
+        [p for p in norms_biases if all(p is not q for m in base_linears for q in m.parameters())])
+    assert lines["LLM decoder linears"] == pytest.approx(measured_layers, rel=0.02)
+    assert lines["embeddings / lm_head"] == module_bytes(llm.embed_tokens) + module_bytes(llm.norm)
+    assert lines["vision tower (frozen)"] == module_bytes(model.vision_tower)
+    assert lines["connector"] == module_bytes(model.connector)
+    assert lines["LoRA weights"] == tensor_bytes(p for n, p in model.named_parameters() if "lora_" in n)
+    params = list(trainable_parameters(model).values())
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert lines["optimizer states"] == pytest.approx(tensor_bytes(states), rel=0.02)
+
+
+def test_larger_runs_need_more_and_advice_actually_fits() -> None:
+    arch = Arch.qwen25_3b()
+    base = RunShape()
+    for field, bigger in [("group_size", 16), ("frames", 32), ("max_new_tokens", 1024), ("micro_batch", 8),
+                          ("lora_r", 128)]:
+        assert need_bytes(estimate(arch, RunShape(**{field: bigger}))) > need_bytes(estimate(arch, base)), field
+    huge = RunShape(group_size=64)
+    card = 8 * GiB
+    assert verdict(need_bytes(estimate(arch, huge)), card) == "does not fit"
+    fixes = advise(arch, huge, card)
+    assert fixes
+    for fix in fixes:
+        assert verdict(fix.need, card) == "fits"
+        assert fix.flags().startswith("--set ")
+
+
+def test_impossible_override_is_refused_with_advice() -> None:
+    cfg = load_config("8gb", ["rollout.num_generations=64"])
+    with pytest.raises(ConfigError, match=r"does not fit.*--set rollout\.num_generations=\d"):
+        check_fits(cfg, 8 * GiB)
+    check_fits(load_config("8gb"), 8 * GiB)  # the preset itself passes
+
+
+def test_plan_cli_prints_table_and_verdict(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells at the default 80 columns
+    assert main(["plan", "--preset", "12gb"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache" in out and "checkpointed layer" in out and "CUDA context" in out
+    assert "fits: needs" in out
+    assert main(["plan", "--preset", "8gb", "--set", "rollout.num_generations=64"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "--set rollout.num_generations=" in out
+
+
+def test_train_refuses_before_loading_weights(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # judge against the preset's 8 GB card
+    code = main(["train", "--preset", "8gb", "--set", "rollout.num_generations=64",
+                 "--set", "model.path=does/not/exist"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--no-check" in err
+    assert not any(tmp_path.iterdir()), "nothing may be written before the check"

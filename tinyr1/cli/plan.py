@@ -1,0 +1,123 @@
+"""`tinyr1 plan`: will this preset fit my GPU, and where does the memory go?
+
+An analytic estimate of the peak GPU memory of the rollout phase (video encoding, prefill, decoding
+with the KV cache of B x G rows) and of the update phase (checkpointed forward/backward of one
+micro-batch, fused log-probs), by component, before anything is loaded. `tinyr1 train` runs the
+same check and refuses a preset that cannot fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 15
+
+EPILOG = """\
+examples:
+  tinyr1 plan --preset 12gb
+      the table for the 12 GB preset, checked against a 12 GB card
+  tinyr1 plan --preset 8gb --set rollout.num_generations=64
+      an impossible override: "does not fit", with the cheapest changes that would fit
+  tinyr1 plan --preset 24gb --gpu-gb 16 --set rollout.max_new_tokens=384
+      would the 24 GB recipe fit a 16 GB card with shorter completions?
+  tinyr1 plan --config my.toml --gpu-gb 11 --prompt-tokens 220
+
+How to read it: each phase's peak is the largest of a few moments (rollout: encode a video,
+prefill, decode; update: log-prob forward/backward, backward through one checkpointed layer,
+connector backward, reference forward). The numbers are tensor bytes (what
+torch.cuda.max_memory_allocated reports) plus two modelled overheads: allocator fragmentation
+(~12%) and the CUDA context (~0.5 GiB). "fits" leaves 10% of the card free (display, other
+processes). Completions are assumed to run to max_new_tokens (the worst case). The activation
+model is checked against measured live tensor bytes on the CPU (tests/test_memory.py).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="estimate peak GPU memory of a preset, by component, and whether it fits",
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="preset name (see `tinyr1 presets list`)")
+    src.add_argument("--config", help="path to a TOML config")
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
+                   help="card size in GiB (default: from the preset name, e.g. 12gb -> 12)")
+    p.add_argument("--prompt-tokens", type=int, default=160, metavar="N",
+                   help="text tokens per prompt: template + question + options + suffix (default 160)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one value, same spelling as the TOML (repeatable)")
+    p.set_defaults(func=run)
+
+
+def _fmt(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f} GiB"
+    return f"{n / 1024**2:.1f} MiB" if n >= 1024**2 else f"{n / 1024:.1f} KiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tinyr1.config import load_config
+    from tinyr1.errors import ConfigError
+    from tinyr1.memory import (
+        MARGIN,
+        GiB,
+        RunShape,
+        advise,
+        arch_for_config,
+        estimate,
+        gib,
+        need_bytes,
+        nominal_gpu_gb,
+        verdict,
+    )
+
+    if args.prompt_tokens < 1:
+        raise ConfigError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    cfg = load_config(args.config or args.preset, args.overrides)
+    arch, shape = arch_for_config(cfg), RunShape.from_config(cfg, args.prompt_tokens)
+    est = estimate(arch, shape)
+    console = Console()
+    title = (f"{cfg.preset}: B={shape.prompts} prompts x G={shape.group_size}, {shape.frames} frames, "
+             f"{shape.max_new_tokens} new tokens, micro-batch {shape.micro_batch}, LoRA r={shape.lora_r}, "
+             f"{shape.quant}/{shape.dtype} on {shape.device}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("component")
+    table.add_column(f"rollout ({est.rollout_moment})", justify="right")
+    table.add_column(f"update ({est.update_moment})", justify="right")
+    table.add_column("note", style="dim")
+    for kind in ("weights", "state", "kept", "activation"):
+        for ln in (x for x in est.lines if x.kind == kind):
+            table.add_row(ln.name, _fmt(ln.rollout), _fmt(ln.update), ln.note)
+        table.add_section()
+    table.add_row("[bold]tensors (peak allocated)", _fmt(est.phase_total("rollout")), _fmt(est.phase_total("update")), "")
+    for ln in (x for x in est.lines if x.kind == "overhead"):
+        table.add_row(ln.name, _fmt(ln.rollout), _fmt(ln.update), ln.note)
+    all_kinds = ("weights", "state", "kept", "activation", "overhead")
+    table.add_row("[bold]total", _fmt(est.phase_total("rollout", all_kinds)),
+                  _fmt(est.phase_total("update", all_kinds)), "")
+    console.print(table)
+    need = need_bytes(est)
+    gpu_gb = args.gpu_gb if args.gpu_gb is not None else nominal_gpu_gb(cfg.preset)
+    if shape.device == "cpu":
+        console.print(f"peak {gib(need)} of CPU memory for tensors (device = cpu: no GPU check)")
+        return 0
+    if gpu_gb is None:
+        console.print(f"needs {gib(need)}; pass --gpu-gb N for a verdict")
+        return 0
+    card = int(gpu_gb * GiB)
+    result = verdict(need, card)
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result]
+    console.print(f"[bold {colour}]{result}[/]: needs {gib(need)} of a {gpu_gb:g} GiB card "
+                  f"({need / card:.0%}; 'fits' means <= {1 - MARGIN:.0%})")
+    if result != "fits":
+        fixes = advise(arch, shape, card)
+        if not fixes:
+            console.print("no change of G, frames, new tokens, micro-batch, LoRA rank or prompts makes it fit")
+        for fix in fixes:
+            console.print(f"  {fix.flags()}   -> {gib(fix.need)}")
+    return 0

@@ -1,0 +1,249 @@
+"""Activation terms of the memory planner: the moments of the rollout and of the update.
+
+Each moment is a dict `component -> (kind, bytes, note)`; `tinyr1.memory.estimate` adds weights and
+training state and takes the largest moment of each phase. The per-token terms of one decoder layer
+(`layer_ops`) follow what each op of HF Qwen2 + PEFT LoRA saves for backward: a frozen linear saves
+nothing (its weight needs no grad), a LoRA branch saves its input — an fp32 copy when the compute
+dtype is 16-bit (PEFT casts to the adapter's fp32), the dropout output and mask when dropout > 0 —
+and SiLU, the gate*up product and SDPA save their inputs/outputs. Bytes are per token unless noted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Moment = dict[str, tuple[str, int, str]]
+ADAPTER = 4
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    saves: float  # bytes/token this op is the first to save for backward (freed after its backward)
+    backward: float  # bytes/token in flight while its backward runs (grads + temporaries)
+
+
+def _lora(run: Any, din: int, target: str) -> tuple[float, bool]:
+    """(bytes/token an adapter on a linear with input width din saves, whether it keeps the shared input)."""
+    if target not in run.lora_targets:
+        return 0.0, False
+    a, saved = ADAPTER, run.lora_r * ADAPTER
+    mask = 1 if run.device == "cuda" else a  # CUDA dropout masks are bool; the CPU's have the input dtype
+    if run.lora_dropout > 0:
+        return saved + din * (a + mask), False
+    if run.c != a:
+        return saved + din * a, False
+    return saved, True
+
+
+def layer_ops(arch: Any, run: Any, *, expand_kv: bool, seq: int) -> list[Op]:
+    """One Qwen2 decoder layer with grad, in forward order. `seq`: sequence length (eager scores)."""
+    c, a, d, kv, f, h = run.c, ADAPTER, arch.hidden, arch.kv_dim, arch.ffn, arch.heads
+    cast, p, liger = c != a, run.lora_dropout > 0, run.liger
+    g = d * c  # the residual-stream gradient, held across the whole layer backward
+    norm = 4.0 if liger else (4.0 * d if c != 4 else 0.0) + 4  # fp32 copy of the input (HF RMSNorm) + rstd
+    qkv = [_lora(run, d, t) for t in ("q_proj", "k_proj", "v_proj")]
+    qkv_saves = sum(s for s, _ in qkv) + (d * c if any(k for _, k in qkv) else 0)
+    k_w = d if (expand_kv or run.attn == "eager") else kv  # K/V repeated to all heads
+    if run.attn == "eager":
+        attn = (d + 2 * k_w) * c + h * seq * (4 + c)  # q, K, V, softmax fp32 + its cast
+    else:
+        attn = (d + 2 * k_w) * c + d * c + h * 4  # q, K, V, output (already [B, S, H, d]) + logsumexp
+    o_s, o_keep = _lora(run, d, "o_proj")
+    o_saves = o_s + (d * c if o_keep and run.attn == "eager" else 0)
+    norm2 = (d * c + 4.0) if liger or c == 4 else 4.0 * d + 4  # fp32: the residual itself
+    gu = [_lora(run, d, t) for t in ("gate_proj", "up_proj")]
+    gu_saves = sum(s for s, _ in gu) + (d * c if any(k for _, k in gu) else 0)
+    act = (2 if liger else 3) * f * c  # gate, up (+ silu(gate))
+    dn_s, dn_keep = _lora(run, f, "down_proj")
+    dn_adapted = "down_proj" in run.lora_targets
+    dn_bwd = f * max(a + (a if p else (c if cast else 0)), 2 * c) if dn_adapted else f * c
+    return [
+        Op("input norm", norm, g + d * c + (2 * d * c if liger else 8.0 * d)),
+        Op("q/k/v", qkv_saves, g + (d + 2 * kv) * c + d * (a + c)),
+        Op("attention", attn, g + 2 * d * c + 2 * k_w * c + (h * seq * 4 if run.attn == "eager" else 0)),
+        Op("o_proj", o_saves, g + d * c + d * a),
+        Op("post norm", norm2, g + d * c + (2 * d * c if liger else 8.0 * d)),
+        Op("gate/up", gu_saves, g + 2 * f * c + d * (a + c)),
+        Op("act", act, g + (f * c if liger else 3 * f * c)),
+        Op("down", dn_s + (f * c if dn_keep else 0), g + dn_bwd),
+    ]
+
+
+def layer_saved(ops: list[Op], arch: Any, run: Any) -> float:
+    """Bytes/token one layer keeps for backward, plus its output."""
+    return sum(op.saves for op in ops) + arch.hidden * run.c
+
+
+def layer_backward_peak(ops: list[Op], arch: Any, run: Any) -> float:
+    """Bytes/token at the worst point of one checkpointed layer's recompute + backward.
+
+    Recompute recreates everything the layer saves (plus its output for a moment) while the incoming
+    gradient waits; then ops run backward in reverse and each op's saved tensors are freed after it.
+    """
+    total = sum(op.saves for op in ops)
+    worst = total + 2 * arch.hidden * run.c
+    prefix = total
+    for op in reversed(ops):
+        worst = max(worst, prefix + op.backward)
+        prefix -= op.saves
+    return worst
+
+
+def nograd_layer_peak(arch: Any, run: Any, seq: int) -> float:
+    """Bytes/token of the largest transient of one decoder layer run without grad (prefill, reference)."""
+    c, a, d, f = run.c, ADAPTER, arch.hidden, arch.ffn
+    up = f * 2 * a if "up_proj" in run.lora_targets else 0  # LoRA branch result, promoted to fp32
+    mlp = 2 * d * c + f * (2 * c) + up
+    attn = 2 * d * c + 3 * (d + 2 * arch.kv_dim) * c
+    if run.attn == "eager":
+        attn += arch.heads * seq * (4 + 2 * c)
+    return max(mlp, attn)
+
+
+def connector_saved(arch: Any, run: Any) -> int:
+    """Bytes the connector (trainable) keeps for backward for one video of `run.frames` frames."""
+    c, d = run.c, arch.hidden
+    inner = arch.connector_heads * arch.connector_dim_head
+    m_all, q = run.frames * arch.kept_patches, arch.num_queries // arch.group
+    per_chunk_layer_q = q * (3 * d + 2 * inner + 2 * arch.connector_ff_mult * d) * c + 6 * q * 4
+    media = m_all + arch.group * q  # cat(media, latents) rows over all chunks
+    per_layer = media * (d + 2 * inner) * c + arch.group * per_chunk_layer_q
+    per_layer += arch.connector_heads * q * media * c + m_all * 8  # softmax + LayerNorm stats of media
+    return int(m_all * d * c + arch.resampler_layers * per_layer + arch.num_queries * d * c)
+
+
+def connector_nograd_peak(arch: Any, run: Any) -> int:
+    c, d = run.c, arch.hidden
+    inner = arch.connector_heads * arch.connector_dim_head
+    m_all = run.frames * arch.kept_patches
+    chunk = m_all // arch.group + 1 + arch.num_queries // arch.group
+    return int(m_all * d * c + chunk * (2 * d + 2 * inner) * c + arch.num_queries * d * c)
+
+
+def vision_moment(arch: Any, run: Any) -> int:
+    """Encoding one video without grad: pixels, one SigLIP layer's transient, output, features copy."""
+    c, dv, fv, t, p = run.c, arch.vision_hidden, arch.vision_ffn, run.frames, arch.patches
+    layer = 2 * dv * c + 2 * fv * c
+    if run.attn == "eager":
+        layer = max(layer, 5 * dv * c + arch.vision_heads * p * (4 + 2 * c))
+    pixels = t * 3 * arch.image_size**2 * c
+    return int(pixels + t * p * (layer + dv * c) + t * arch.kept_patches * dv * c)
+
+
+def kv_bytes(arch: Any, run: Any, rows: int, seq: int) -> int:
+    return 2 * arch.layers * rows * arch.kv_dim * seq * run.c
+
+
+def sampling_bytes(arch: Any, run: Any, rows: int) -> int:
+    """Per decode step: logits, fp32 copy, /T, top-k/top-p filtering, probs, cdf, log-softmax ([rows, V])."""
+    c = run.c
+    base = c + (4 if c != 4 else 0) + 4
+    topk = 4 if 0 < run.top_k < arch.vocab else 0
+    filt = base + topk + (22 if run.top_p < 1 else 4)
+    end = base + 12  # the filtered copy is gone by then
+    return rows * arch.vocab * max(filt, end)
+
+
+def rollout_moments(arch: Any, run: Any) -> dict[str, Moment]:
+    c, d, b, rows = run.c, arch.hidden, run.prompts, run.rows
+    feat = run.frames * arch.kept_patches * arch.vision_hidden * c
+    vt = arch.num_queries * d * c
+    s_p = run.prompt_tokens - 1 + arch.num_queries
+    s_end = s_p + run.max_new_tokens - 1
+    kept: Moment = {"vision features (kept for update)": ("kept", b * feat, f"{b} videos x {run.frames} frames")}
+    enc = {"vision features (kept for update)": ("kept", (b - 1) * feat, f"{b - 1} videos encoded so far"),
+           "vision tower transient": ("activation", vision_moment(arch, run), f"one video, {run.frames} frames")}
+    conn = {**kept, "video tokens": ("kept", (b - 1) * vt, ""),
+            "connector transient": ("activation", connector_nograd_peak(arch, run), "no grad")}
+    videos = {**kept, "video tokens": ("kept", b * vt, f"{b} x {arch.num_queries} tokens")}
+    embeds = b * s_p * d * c
+    prefill = {**videos, "prompt embeddings": ("activation", 2 * embeds, f"{b} x {s_p} positions, padded copy"),
+               "KV cache": ("activation", kv_bytes(arch, run, b, s_p), f"{b} prompts prefilled once"),
+               "prefill layer transient": ("activation", int(b * s_p * nograd_layer_peak(arch, run, s_p)), "")}
+    expand_kv = run.kv_expand_decode or run.attn == "eager"
+    expand = 2 * rows * arch.heads * arch.head_dim * s_end * c if expand_kv else 0
+    grow = 2 * rows * arch.kv_dim * s_end * c  # one layer's cache re-allocated by torch.cat
+    logits = rows * arch.vocab * c
+    step = max(expand + logits, sampling_bytes(arch, run, rows), grow + logits)
+    decode = {**videos, "prompt embeddings": ("activation", embeds, "kept by the sampler"),
+              "KV cache": ("activation", kv_bytes(arch, run, rows, s_end),
+                           f"{b}x{run.group_size} rows x {s_end} positions, prefix repeated"),
+              "decode step transient": ("activation", step,
+                                        "logits + sampling buffers" + (" / K,V repeated to all heads" if expand else "")),
+              "completion ids / log-probs": ("activation", rows * run.max_new_tokens * 12, "")}
+    return {"encode video": enc, "connector": conn, "prefill": prefill, "decode": decode}
+
+
+def max_prompts_per_microbatch(run: Any) -> int:
+    n, g, mb = run.rows, run.group_size, run.micro_batch
+    return max(len({r // g for r in range(s, min(s + mb, n))}) for s in range(0, n, mb))
+
+
+def logprob_terms(arch: Any, run: Any, n: int) -> tuple[int, int, int]:
+    """(saved for backward, forward transient, backward transient) of the per-token log-prob on n tokens."""
+    c, d = run.c, arch.hidden
+    if run.logprob_backend == "triton":
+        return n * 8, n * 4 * 4 * 64, n * d * (4 + c)  # lse/entropy; [4, splits, N] partials; fp32 dh + cast
+    from tinyr1.kernels.logprob import default_tile
+
+    tile = default_tile(n, arch.vocab)
+    h32 = n * d * 4 if c != 4 else 0
+    w32 = tile * d * 4 if c != 4 else 0
+    fwd = h32 + w32 + 2 * n * tile * 4  # fp32 hidden, weight tile, logits tile z and exp(z)
+    bwd = n * d * 4 + (2 * n * d * c if c != 4 else 0)  # W[target] in fp32 (-> dh in place), cast back
+    return n * d * 4 + n * 12, fwd, bwd  # mean_w [N, D] fp32 + lse, logp, entropy
+
+
+def update_moments(arch: Any, run: Any) -> dict[str, Moment]:
+    c, d, mb = run.c, arch.hidden, min(run.micro_batch, run.rows)
+    seq = run.prompt_tokens - 1 + arch.num_queries + run.max_new_tokens
+    tokens, n = mb * seq, mb * run.max_new_tokens
+    k = max_prompts_per_microbatch(run)
+    mixed = k > 1  # rows of different prompts have different lengths: padding, an explicit mask
+    ops = layer_ops(arch, run, expand_kv=mixed, seq=seq)
+    feat = run.frames * arch.kept_patches * arch.vision_hidden * c
+    base: Moment = {
+        "vision features (kept for update)": ("kept", run.prompts * feat, "from the rollout"),
+        "video tokens": ("kept", run.prompts * arch.num_queries * d * c, "from the rollout"),
+        "rollout tensors": ("kept", run.rows * run.max_new_tokens * 30, "ids, masks, log-probs"),
+    }
+    if run.beta > 0 or run.num_iterations > 1:
+        base["reference log-probs"] = ("kept", run.rows * run.max_new_tokens * 4 * (1 + int(run.num_iterations > 1)), "")
+    conn = k * connector_saved(arch, run) if run.train_connector else 0
+    shared = 2 * tokens * arch.head_dim * c + (mb * seq * seq if mixed else 0)  # cos/sin (+ bool mask)
+    per_layer = layer_saved(ops, arch, run) if not run.grad_checkpointing else d * c
+    lp_saved, lp_fwd, lp_bwd = logprob_terms(arch, run, n)
+    norm_saved = tokens * d * 4 if (c != 4 and not run.liger) else 0
+    ckpt = "layer inputs (checkpoints)" if run.grad_checkpointing else "layer activations (no checkpointing)"
+    fwd: Moment = {**base,
+        "connector activations": ("activation", conn, f"{k} video(s) with grad") if conn else ("activation", 0, ""),
+        ckpt: ("activation", int(tokens * per_layer * arch.layers + tokens * d * c), f"{mb} x {seq} tokens"),
+        "rotary tables / mask": ("activation", int(shared), ""),
+        "final norm + hidden states": ("activation", norm_saved + n * d * c, f"{n} completion positions"),
+        "log-prob saved + tiles": ("activation", lp_saved + lp_fwd, run.logprob_backend)}
+    lp_back = {**fwd, "log-prob saved + tiles": ("activation", lp_saved + lp_bwd + tokens * d * c, "backward")}
+    if run.grad_checkpointing:
+        layer = layer_backward_peak(ops, arch, run)
+        back: Moment = {**base, "connector activations": fwd["connector activations"],
+            ckpt: ("activation", tokens * d * c * arch.layers, f"{mb} x {seq} tokens"),
+            "rotary tables / mask": fwd["rotary tables / mask"],
+            "checkpointed layer recompute + backward": ("activation", int(tokens * layer), "largest transient")}
+    else:
+        back = {**fwd, "layer backward": ("activation", int(tokens * (ops[-1].backward)), "")}
+    out = {"log-prob forward": fwd, "log-prob backward": lp_back, "layer backward": back}
+    if run.train_connector:  # weight-grad buffers of every connector weight fill while its saved tensors drain
+        from tinyr1.memory import connector_tensors
+
+        sizes = connector_tensors(arch)
+        buffers = (sum(sizes) + 2 * max(sizes)) * c
+        out["connector backward"] = {**base, "connector activations": fwd["connector activations"],
+            "connector weight-grad buffers": ("activation", buffers, "one per weight, shared by all chunks"),
+            "embedding gradient": ("activation", tokens * d * c, "")}
+    if run.beta > 0 or run.num_iterations > 1:
+        _, ref_fwd, _ = logprob_terms(arch, run, n)
+        out["reference forward"] = {**base,
+            "reference forward transient": ("activation", int(2 * tokens * d * c + tokens * nograd_layer_peak(arch, run, seq)
+                                                           + ref_fwd + n * d * c), "no grad, adapters off")}
+    return out
