@@ -106,16 +106,13 @@ def test_weights_nf4_lora_and_8bit_optimizer_bytes_match_the_real_modules() -> N
     model = TinyLlavaVideo(cfg).to(torch.bfloat16)
     model.requires_grad_(False)
     quantize_llm_nf4(model.llm, compute_dtype=torch.bfloat16, device=torch.device("cpu"))
+    llm = model.llm.model
+    measured_layers = module_bytes(llm.layers)  # 4-bit codes + quant states, biases, norms
     add_lora(model, r=8, alpha=16, dropout=0.05, target_modules=TARGETS)
     prepare_for_training(model, train_connector=True, gradient_checkpointing=False)
     shape = RunShape(dtype="bf16", quant="nf4", lora_r=8, device="cpu", optimizer="adamw8bit", train_connector=True)
     lines = {ln.name: ln.rollout for ln in weight_lines(Arch.from_tinyllava(cfg), shape)}
-    llm = model.llm.model
-    base_linears = [m.base_layer for m in llm.layers.modules() if hasattr(m, "base_layer")]
-    norms_biases = [p for n, p in llm.layers.named_parameters() if "lora_" not in n and p.dtype != torch.uint8]
-    measured_layers = sum(module_bytes(m) for m in base_linears) + tensor_bytes(
-        [p for p in norms_biases if all(p is not q for m in base_linears for q in m.parameters())])
-    assert lines["LLM decoder linears"] == pytest.approx(measured_layers, rel=0.02)
+    assert lines["LLM decoder linears"] == pytest.approx(measured_layers, rel=0.01)
     assert lines["embeddings / lm_head"] == module_bytes(llm.embed_tokens) + module_bytes(llm.norm)
     assert lines["vision tower (frozen)"] == module_bytes(model.vision_tower)
     assert lines["connector"] == module_bytes(model.connector)
@@ -126,7 +123,7 @@ def test_weights_nf4_lora_and_8bit_optimizer_bytes_match_the_real_modules() -> N
         p.grad = torch.zeros_like(p)
     opt.step()
     states = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    assert lines["optimizer states"] == pytest.approx(tensor_bytes(states), rel=0.02)
+    assert lines["optimizer states"] == pytest.approx(tensor_bytes(states), rel=0.001)
 
 
 def test_larger_runs_need_more_and_advice_actually_fits() -> None:
