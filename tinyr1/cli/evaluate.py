@@ -17,8 +17,8 @@ deterministic unless --temperature is given. The prediction is the first letter 
 text; a missing or invalid answer counts as wrong (the original scripts substitute a random letter).
 
 Writes one JSON line per completion to --out (id, answer, prediction, completion, correct,
-formatted, think_chars, num_tokens, category) and a summary next to it (OUT.summary.json), and
-prints accuracy, format rate, mean think length, and accuracy by category when rows have one
+formatted, think_chars, num_tokens, category) and a summary next to it (preds.jsonl -> preds.summary.json),
+and prints accuracy, format rate, mean think length, and accuracy by category when rows have one
 (`category`, `task`, `task_type`, ...). Rows with a missing or unreadable video are listed and skipped.
 """
 
