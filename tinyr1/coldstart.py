@@ -20,8 +20,8 @@ from tinyr1.errors import DataError
 def sft_pair(tokenizer: Any, sample: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids [P] with the -200 sentinel, target ids [A] = " answer" + EOS) for one sample.
 
-    The generation prompt ends in "ASSISTANT:"; the answer follows after one space, as in the
-    original `ASSISTANT: {answer}<|endoftext|>` rendering.
+    The generation prompt ends in "ASSISTANT:"; the target starts right at the answer text, so a
+    completion starts with "<think>" and the R1 format reward (a fullmatch) can accept it.
     """
     from tinyr1.data import sft_pair as texts
     from tinyr1.prompts import render_chat
@@ -29,7 +29,7 @@ def sft_pair(tokenizer: Any, sample: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
     human, answer = texts(sample)
     prompt = torch.tensor(tokenize_prompt(tokenizer, render_chat(human)))
-    target = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt, torch.tensor(target)
 
 

@@ -191,10 +191,12 @@ def run_eval(cfg: Config, ctx: Ctx, samples: list[Any], load: Any, logger: Any, 
     """Held-out accuracy: greedy, and sampled at the training temperature (the quantity RL optimizes)."""
     from tinyr1.evaluate import evaluate
 
-    common = dict(load_frames=load, max_new_tokens=cfg.rollout.max_new_tokens, batch_size=32,
+    # Batches no larger than a training rollout (prompts_per_step x G rows), so eval fits wherever training does.
+    common = dict(load_frames=load, max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.prompts_per_step,
                   seed=cfg.train.seed + 7, prompt_mode="train")
     greedy = evaluate(ctx.model, ctx.tokenizer, samples, temperature=0.0, **common)
-    sampled = evaluate(ctx.model, ctx.tokenizer, samples, temperature=cfg.rollout.temperature, num_samples=4,
+    sampled = evaluate(ctx.model, ctx.tokenizer, samples, temperature=cfg.rollout.temperature,
+                       num_samples=min(4, cfg.rollout.num_generations),
                        top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, **common)
     out = {"accuracy": greedy.accuracy, "accuracy_stderr": greedy.stderr, "format_rate": greedy.format_rate,
            "sampled_accuracy": sampled.accuracy, "n": greedy.n}

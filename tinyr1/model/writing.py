@@ -122,6 +122,9 @@ def tiny_config(vocab_size: int, eos_id: int, *, image_size: int = 32, frames: i
             "max_position_embeddings": 2048,
             "rope_theta": 1000000.0,
             "tie_word_embeddings": True,
+            # Tied, frozen embeddings at the usual 0.02 cap the logit range near +-3 for a 128-wide
+            # model: LoRA could never make a confident choice. A wider init keeps the demo learnable.
+            "initializer_range": 0.1,
             "bos_token_id": eos_id,
             "eos_token_id": eos_id,
             "_attn_implementation_autoset": True,
