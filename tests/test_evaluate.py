@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_adapter import train_answer_adapter
 
-from tinyr1.checkpoint import save_adapter
 from tinyr1.cli import main
-from tinyr1.data import load_dataset, sft_pair
+from tinyr1.data import load_dataset
 from tinyr1.evaluate import (
     category_of,
     evaluate,
@@ -27,45 +26,15 @@ from tinyr1.evaluate import (
     prompt_tensor,
     think_length,
 )
-from tinyr1.model.loading import add_lora, load_tinyllava, prepare_for_training
+from tinyr1.model.loading import load_tinyllava
 from tinyr1.model.writing import write_tiny_checkpoint
 from tinyr1.synth import write_synthetic
-from tinyr1.tokenizer import tokenize_sft
 from tinyr1.video import load_frames
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """A tiny model is slower on oversubscribed threads than on one; restore the setting after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def train_answer_adapter(model_dir: Path, train_file: Path, out: Path, *, steps: int = 30) -> None:
-    """LoRA on answer-only SFT targets (" <answer>X</answer>"): seconds on a CPU, real tags after."""
-    torch.manual_seed(0)
-    loaded = load_tinyllava(model_dir, dtype="fp32", device="cpu")
-    model, tok = loaded.model, loaded.tokenizer
-    add_lora(model, r=8, alpha=16.0, dropout=0.0, target_modules=TARGETS)
-    prepare_for_training(model, train_connector=False, gradient_checkpointing=False)
-    samples = load_dataset(train_file)
-    with torch.no_grad():
-        videos = {s.id: model.encode_video(load_frames(s.video, 8, 32)) for s in samples}  # [Q, D] each
-    pairs = {s.id: tokenize_sft(tok, *sft_pair(s)) for s in samples}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    for i in range(steps):
-        batch = [samples[(i * 4 + j) % len(samples)] for j in range(4)]
-        loss = model([torch.tensor(pairs[s.id][0]) for s in batch], [videos[s.id] for s in batch],
-                     labels=[torch.tensor(pairs[s.id][1]) for s in batch]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_adapter(model, out, train_connector=False)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

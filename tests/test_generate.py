@@ -4,54 +4,25 @@ the CLI prints it followed by the parsed answer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_adapter import train_answer_adapter
 
-from tinyr1.checkpoint import save_adapter
 from tinyr1.cli import main
-from tinyr1.data import load_dataset, sft_pair
+from tinyr1.data import load_dataset
 from tinyr1.evaluate import TokenStreamer, answer_question, evaluate, extract_answer, load_for_inference
-from tinyr1.model.loading import add_lora, load_tinyllava, prepare_for_training
 from tinyr1.model.writing import write_tiny_checkpoint
 from tinyr1.synth import write_synthetic
-from tinyr1.tokenizer import load_tokenizer, tokenize_sft
+from tinyr1.tokenizer import load_tokenizer
 from tinyr1.video import load_frames
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 QUESTION, OPTIONS = "What colour is the square?", ["red", "green", "blue", "yellow"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def train_answer_adapter(model_dir: Path, train_file: Path, out: Path, *, steps: int = 30) -> None:
-    """LoRA on answer-only SFT targets, so greedy replies hold `<answer>X</answer>`."""
-    torch.manual_seed(0)
-    loaded = load_tinyllava(model_dir, dtype="fp32", device="cpu")
-    model, tok = loaded.model, loaded.tokenizer
-    add_lora(model, r=8, alpha=16.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    prepare_for_training(model, train_connector=False, gradient_checkpointing=False)
-    samples = load_dataset(train_file)
-    with torch.no_grad():
-        videos = {s.id: model.encode_video(load_frames(s.video, 8, 32)) for s in samples}  # [Q, D] each
-    pairs = {s.id: tokenize_sft(tok, *sft_pair(s)) for s in samples}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    for i in range(steps):
-        batch = [samples[(i * 4 + j) % len(samples)] for j in range(4)]
-        loss = model([torch.tensor(pairs[s.id][0]) for s in batch], [videos[s.id] for s in batch],
-                     labels=[torch.tensor(pairs[s.id][1]) for s in batch]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_adapter(model, out, train_connector=False)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +30,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gen")
     model = write_tiny_checkpoint(root / "model", seed=1)
     paths = write_synthetic(root / "data", 16, seed=1, eval_n=2, coldstart_n=0)
-    train_answer_adapter(model, paths["train"], root / "adapter")
+    train_answer_adapter(model, paths["train"], root / "adapter",
+                         targets=["q_proj", "v_proj", "up_proj", "down_proj"])
     return {"model": model, "adapter": root / "adapter", "eval": paths["eval"],
             "video": root / "data" / "videos" / "eval_00000.mp4"}
 

@@ -13,9 +13,9 @@ import torch
 
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.kernels import apply_liger, resolve_backend, token_logprobs
-from tinyr1.kernels.bench import LiveBytes
 from tinyr1.kernels.liger import _patch_instance
 from tinyr1.kernels.logprob import naive_token_logprobs
+from tinyr1.memory_measure import LiveTensorBytes
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 N, H, V = 37, 45, 301
@@ -135,7 +135,7 @@ def test_torch_path_never_holds_tokens_by_vocab() -> None:
     peaks = {}
     for name in ("naive", "torch"):
         hg = h.clone().requires_grad_()
-        with LiveBytes() as live:
+        with LiveTensorBytes() as live:
             if name == "naive":
                 lp, ent = naive_token_logprobs(hg, w, t, 1.0, with_entropy=True)
             else:

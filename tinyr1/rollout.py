@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class Rollout:
     rewards: torch.Tensor | None = None  # [B*G, R] per reward function (unweighted)
     reward_total: torch.Tensor | None = None  # [B*G] weighted sum
     advantages: torch.Tensor | None = None  # [B*G]
+    reward_stats: dict[str, float] = field(default_factory=dict)  # reward, reward_std, frac_reward_zero_std
 
     @property
     def prompt_index(self) -> torch.Tensor:

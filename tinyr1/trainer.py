@@ -86,13 +86,14 @@ def rollout_step(ctx: Ctx, batch: list[tuple[Any, torch.Tensor]]) -> tuple[Rollo
         for key, value in s.columns().items():
             columns.setdefault(key, []).extend([value] * g)
     per_reward, total = compute_rewards(ctx.reward_funcs, texts, columns)  # [B*G, R], [B*G]
-    adv, _ = group_advantages(
+    adv, reward_stats = group_advantages(
         total.float(), g, scale=cfg.grpo.scale_rewards, noise_std=cfg.grpo.noise_std, generator=ctx.generator
     )
     rollout = Rollout(
         prompt_ids=prompt_ids, video_tokens=video_tokens, group_size=g, completion_ids=ids,
         completion_mask=mask, sample_logprobs=logp, truncated=truncated_rows(ids, tok.eos_token_id),
         texts=texts, rewards=per_reward, reward_total=total, advantages=adv.to(ids.device),
+        reward_stats=reward_stats,
     )
     return rollout, feats
 
@@ -177,14 +178,10 @@ def _apply_gradients(ctx: Ctx, params: list[torch.nn.Parameter], metrics: dict[s
 
 def step_metrics(ctx: Ctx, ro: Rollout, update: dict[str, float]) -> dict[str, float]:
     """TRL's metric names for one step (REFERENCE.md §3)."""
-    assert ro.rewards is not None and ro.reward_total is not None
+    assert ro.rewards is not None
     full = completion_mask(ro.completion_ids, ctx.tokenizer.eos_token_id).float()  # [B*G, L]
-    total = ro.reward_total.float()
-    grouped = total.view(-1, ro.group_size)
     out: dict[str, float] = {
-        "reward": total.mean().item(),
-        "reward_std": total.std().item() if total.numel() > 1 else 0.0,
-        "frac_reward_zero_std": (grouped.std(dim=1) < 1e-8).float().mean().item(),
+        **ro.reward_stats,  # reward, reward_std, frac_reward_zero_std from group_advantages
         "completions/mean_length": full.sum(1).mean().item(),
         "completions/max_length": full.sum(1).max().item(),
         "completions/clipped_ratio": ro.truncated.float().mean().item(),

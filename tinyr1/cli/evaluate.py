@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tinyr1.cli._args import add_loading_args, add_model_args, add_sampling_args
+
 ORDER = 30
 
 DESCRIPTION = """\
@@ -35,8 +37,7 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="multiple-choice accuracy on a dataset file", description=DESCRIPTION,
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (original layout)")
-    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (RUN/final), applied unmerged")
+    add_model_args(p)
     p.add_argument("--data", required=True, metavar="FILE", help="dataset file (.jsonl or .json)")
     p.add_argument("--video-root", metavar="DIR", help="folder relative video paths are resolved against")
     p.add_argument("--format", default="auto", choices=["auto", "r1", "llava", "generic"], help="row format")
@@ -44,17 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="questions generated together (default 8)")
     p.add_argument("--frames", type=int, metavar="T", help="frames per video (default: the model's group, 16)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="longest completion (default 1024, as R1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--num-samples", type=int, default=1, help="completions per question when sampling")
-    p.add_argument("--top-k", type=int, default=0, help="top-k when sampling (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold when sampling (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--prompt", default="eval", choices=["eval", "train"],
-                   help="eval: suffix on its own line (R1 eval, default); train: the GRPO training prompt")
     p.add_argument("--out", metavar="FILE", help="per-completion JSONL (default: DATA_STEM.preds.jsonl here)")
-    p.add_argument("--quant", default="none", choices=["none", "nf4"], help="load the LLM in 4-bit (GPU memory)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_sampling_args(p)
+    add_loading_args(p)
     p.set_defaults(func=run)
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinyr1.cli._args import add_loading_args, add_model_args, add_sampling_args
+
 ORDER = 35
 
 DESCRIPTION = """\
@@ -32,22 +34,14 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer a question about a video, streaming the reply",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (original layout)")
-    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (RUN/final), applied unmerged")
+    add_model_args(p)
     p.add_argument("--video", required=True, metavar="FILE", help="video file")
     p.add_argument("--question", required=True, metavar="TEXT", help="the question")
     p.add_argument("--options", nargs="+", metavar="OPTION", help="answer options, in order (A, B, C, ...)")
     p.add_argument("--frames", type=int, metavar="T", help="frames sampled uniformly (default: the model's group, 16)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="top-k when sampling (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold when sampling (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--prompt", default="eval", choices=["eval", "train"],
-                   help="eval: instruction on its own line (default); train: the GRPO training prompt")
-    p.add_argument("--quant", default="none", choices=["none", "nf4"], help="load the LLM in 4-bit (GPU memory)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype")
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_sampling_args(p)
+    add_loading_args(p)
     p.set_defaults(func=run)
 
 

@@ -5,57 +5,25 @@ frozen lm_head, the shape of a GRPO update micro-batch. Peak memory is the high-
 memory allocated *during* the call, above what existed before it (inputs excluded):
 
 - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats();
-- CPU: `LiveBytes`, a TorchDispatchMode that adds the storage size of every new tensor an aten op
-  returns and subtracts it when the storage is freed (weakref finalizer). It sees every tensor
-  autograd creates, but not scratch memory internal to one kernel (e.g. a GEMM's packing buffers).
+- CPU: `tinyr1.memory_measure.LiveTensorBytes`, a TorchDispatchMode that adds the storage size of
+  every new tensor an aten op returns and subtracts it when the storage is freed (weakref
+  finalizer). It sees every tensor autograd creates, but not scratch memory internal to one kernel
+  (e.g. a GEMM's packing buffers).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from tinyr1.kernels.logprob import naive_token_logprobs, token_logprobs
+from tinyr1.memory_measure import LiveTensorBytes
 
 METHODS = ("naive", "torch", "triton", "liger")
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks bytes of tensor storages created inside the mode that are still alive, and their peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._alive: dict[int, int] = {}
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.current -= nbytes
-        self._alive.pop(key, None)
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in inputs or key in self._alive:  # views and in-place results
-                continue
-            self._alive[key] = nbytes
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._free, key, nbytes)
-        return out
 
 
 @dataclass(frozen=True)
@@ -102,7 +70,7 @@ def measure_memory(step: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor
     """(peak bytes allocated during one step above its inputs, logp); on CPU this is also the warm-up."""
     device = inputs[0].device
     if device.type != "cuda":
-        with LiveBytes() as live:
+        with LiveTensorBytes() as live:
             logp = step(*inputs)
         return live.peak, logp
     step(*inputs)  # compile Triton kernels outside the measured run
