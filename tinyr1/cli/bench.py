@@ -1,8 +1,8 @@
 """`tinyr1 bench`: measured speed and memory (results go to docs/BENCHMARKS.md).
 
 Structure: `register` builds the `bench` parser (`_add_bench_parser`) and its sub-commands
-(`kernels` today). `bench` alone runs `_bench_root`, which prints help; whole-preset options
-(`--preset`, `--steps`) belong on the `bench` parser itself and their handling in `_bench_root`.
+(`kernels`). `bench --preset NAME` runs whole GRPO steps (`_bench_root` -> tinyr1.preset_bench);
+`bench` alone prints help.
 """
 
 from __future__ import annotations
@@ -17,7 +17,21 @@ ORDER = 90
 BENCH_HELP = """\
 Benchmarks that measure time and peak memory on this machine.
 
+`tinyr1 bench --preset NAME` builds the preset's architecture with random weights (nothing is
+downloaded), loads it through the training loader (NF4, LoRA, gradient checkpointing, kernels as
+the preset says), runs 1 warm-up + K real GRPO steps (the trainer's rollout_step + update_step) on
+synthetic videos at the preset's shapes, and prints seconds per step (rollout / update), generated
+tokens per second and peak memory beside the planner's estimate for the same shapes.
+Peak memory: CUDA max_memory_allocated per phase; CPU: live tensor bytes of one extra step, and
+the peak RSS. EOS is suppressed (completions run to max_new_tokens) unless --allow-eos.
+On a CPU, presets other than tiny run at a reduced scale (printed): LLM 2 layers x 256, vision
+1 layer x 128, 2 prompts, <= 32 new tokens; G, frames, image size, video tokens, vocabulary,
+micro-batch and LoRA rank stay. --scale full/reduced and --layers/--hidden/... change that.
+
 Examples:
+  tinyr1 bench --preset tiny                # CPU, well under a minute
+  tinyr1 bench --preset 12gb --steps 3 --json 12gb.json
+  tinyr1 bench --preset 24gb --layers 4 --set rollout.max_new_tokens=64   # CPU, a larger reduced run
   tinyr1 bench kernels                      # per-token log-probs at Qwen2.5-3B shapes
   tinyr1 bench kernels --tokens 1024 --methods naive,torch
 """
@@ -61,10 +75,28 @@ def register(subparsers: Any) -> None:
 
 def _add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench", help="measure speed and memory (kernels)", description=BENCH_HELP,
+        "bench", help="measure speed and memory (whole GRPO steps of a preset; kernels)", description=BENCH_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.set_defaults(func=_bench_root, bench_parser=parser)
+    parser.add_argument("--preset", help="bench whole GRPO steps of this preset (see `tinyr1 presets list`)")
+    parser.add_argument("--steps", type=int, default=3, help="timed GRPO steps after 1 warm-up (default 3)")
+    parser.add_argument("--scale", choices=("auto", "full", "reduced"), default="auto",
+                        help="auto: reduced on a CPU unless the preset is the tiny demo (default auto)")
+    for knob, what in (("layers", "LLM layers"), ("hidden", "LLM hidden size (heads/FFN scale along)"),
+                       ("vision-layers", "vision layers that run"), ("vision-hidden", "vision hidden size"),
+                       ("vocab", "vocabulary size")):
+        parser.add_argument(f"--{knob}", type=int, default=None, metavar="N", help=f"reduce: {what}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, as in train (repeatable; applied after the reduction)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: the preset's")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, videos and sampling (default 0)")
+    parser.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: run to max_new_tokens)")
+    parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                        help="write (and reuse, when its config matches) the random checkpoint here instead of a temp dir")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     return parser
 
 
@@ -88,8 +120,39 @@ def _add_kernels(sub: Any) -> None:
 
 
 def _bench_root(args: argparse.Namespace) -> int:
-    args.bench_parser.print_help()
-    return 2
+    if args.preset is None:
+        args.bench_parser.print_help()
+        return 2
+    import json
+
+    from rich.console import Console
+
+    from tinyr1.preset_bench import print_result, run_preset_bench
+
+    console = Console()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(args.threads, 1))
+    knobs = {k: getattr(args, k) for k in ("layers", "hidden", "vision_layers", "vision_hidden", "vocab")}
+    bad = [f"--{k.replace('_', '-')}" for k, v in knobs.items() if v is not None and v < 1]
+    if bad:
+        from tinyr1.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(bad)} must be at least 1")
+    result = run_preset_bench(
+        args.preset, steps=args.steps, scale=args.scale, knobs=knobs, overrides=args.overrides, device=args.device,
+        seed=args.seed, allow_eos=args.allow_eos, checkpoint_dir=args.checkpoint_dir,
+        on_status=lambda msg: console.print(f"[dim]{msg}[/]"),
+    )
+    print_result(result, console)
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    return 0
 
 
 def _available_bytes() -> int:
