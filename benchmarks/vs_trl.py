@@ -1,0 +1,572 @@
+"""tinyr1 vs TRL's GRPOTrainer: seconds per GRPO step (rollout, update) and peak memory, one run.
+
+Both frameworks train LoRA adapters on the *same* randomly initialized Qwen2-shaped LLM:
+
+- tinyr1 gets a TinyLLaVA-Video checkpoint (tiny frozen SigLIP + resampler connector) whose LLM is
+  that Qwen2, and runs its real step: `trainer.rollout_step` + `trainer.update_step` on one
+  (random-pixel) video + question. Prompt length = text tokens + video tokens.
+- TRL gets the same Qwen2 weights as a plain `Qwen2ForCausalLM` folder and a *text* prompt of exactly
+  the same token length (the tinyr1 chat prompt with `<image>` replaced by filler words, trimmed or
+  padded to the count), and runs `GRPOTrainer.train()`.
+
+Matched: G, completion length (every completion runs to max_new_tokens: tinyr1's EOS id is set to one
+no token has, TRL gets `min_new_tokens = max_completion_length`), one prompt per step, micro-batch,
+LoRA (r, alpha, targets), NF4 or none, beta (reference = adapters off in both), loss "grpo",
+num_iterations 1, temperature 1, no top-k/top-p, gradient checkpointing, AdamW, lr.
+
+Each framework runs in its own subprocess (fair peak RSS); the parent sends "step" commands to each
+in turn, so the two never run at once and a busy machine slows both alike. Per framework: warm-up
+steps, one memory step (CPU: `LiveTensorBytes` peak of live tensors during the step + resident
+tensors), then timed steps. TRL's rollout = `_generate_and_score_completions` minus the no-grad
+log-prob passes inside it (reference/old policy), which tinyr1 counts in its update; timed by a
+subclass of GRPOTrainer, no library code is patched. TRL's step = on_step_begin..on_step_end.
+
+    python benchmarks/vs_trl.py                        # CPU defaults
+    python benchmarks/vs_trl.py --quant nf4 --json out.json
+    python benchmarks/vs_trl.py --device cuda --hidden 2048 --layers 36 --vocab 151936 --video-tokens 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MARK = "@@vs_trl@@ "
+QUESTION = ("What does the person do after picking up the cup?\nA. drinks\nB. puts it down\nC. throws it\n"
+            "D. washes it\nE. gives it away")
+FRAMEWORKS = ("tinyr1", "trl")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything both workers need; written as JSON into the work folder."""
+
+    device: str
+    dtype: str  # fp32 | bf16
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    frames: int
+    video_tokens: int
+    image_size: int
+    group_size: int
+    max_new_tokens: int
+    micro_batch: int
+    lora_r: int
+    lora_alpha: float
+    quant: str
+    beta: float
+    gradient_checkpointing: bool
+    lr: float
+    seed: int
+    steps: int  # warm-up + memory + timed
+    tinyr1_dir: str = ""
+    trl_dir: str = ""
+    prompt_tokens: int = 0  # total prompt positions, both frameworks
+    trl_prompt: str = ""
+
+
+# ---- shared pieces ----------------------------------------------------------------------------
+def bench_reward(completions: list[Any], **_: Any) -> list[float]:
+    """Cheap, deterministic, non-constant (so advantages are not all zero in either framework)."""
+    return [float(len(str(c)) % 7) / 6.0 for c in completions]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def wait_command() -> str:
+    line = sys.stdin.readline()
+    return line.strip() or "quit"
+
+
+class StepMeter:
+    """Memory tracking around one step: CPU live-tensor peak, CUDA max_memory_allocated."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.live: Any = None
+
+    def begin(self, tracked: bool) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        elif tracked:
+            from tinyr1.memory_measure import LiveTensorBytes
+
+            self.live = LiveTensorBytes(record=bool(os.environ.get("VS_TRL_RECORD")))
+            self.live.__enter__()
+
+    def end(self) -> int | None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return int(torch.cuda.max_memory_allocated())
+        if self.live is None:
+            return None
+        self.live.__exit__(None, None, None)
+        if self.live.record:  # what the peak is made of, into the worker's log
+            print(self.live.summary(12), file=sys.stderr, flush=True)
+        peak, self.live = self.live.peak, None
+        return int(peak)
+
+
+def resident_bytes(model: Any, optimizer: Any) -> int:
+    """Parameters, buffers (4-bit state included) and optimizer state alive between steps."""
+    import torch
+
+    from tinyr1.memory_measure import module_bytes, tensor_bytes
+
+    states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return module_bytes(model) + tensor_bytes(states)
+
+
+# ---- building the shared model ---------------------------------------------------------------
+def write_models(spec: Spec, work: Path) -> Spec:
+    """One random TinyLLaVA-Video checkpoint for tinyr1; its LLM saved as a Qwen2 folder for TRL."""
+    import torch
+
+    from tinyr1.evaluate import prompt_tensor
+    from tinyr1.model.loading import load_tinyllava
+    from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+    from tinyr1.model.writing import tiny_config, write_checkpoint
+    from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    tdir, hdir = work / "tinyr1", work / "trl"
+    build_tiny_tokenizer(tdir)
+    tok = load_tokenizer(tdir)
+    if spec.vocab < len(tok):
+        raise SystemExit(f"--vocab {spec.vocab} is smaller than the tokenizer ({len(tok)} tokens)")
+    raw = tiny_config(spec.vocab, tok.eos_token_id, image_size=spec.image_size, frames=spec.frames)
+    raw.update(hidden_size=spec.hidden, group=spec.frames, num_queries=spec.video_tokens, tokenizer_model_max_length=8192)
+    raw["text_config"].update(
+        hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, vocab_size=spec.vocab,
+        max_position_embeddings=8192, initializer_range=0.02,
+    )
+    torch.manual_seed(spec.seed)
+    model = TinyLlavaVideo(TinyLlavaConfig.from_dict(raw), truncate_vision=False)
+    write_checkpoint(tdir, model.state_dict(), raw, tokenizer_dir=None, dtype=torch.float32)
+    del model
+    llm = load_tinyllava(tdir, dtype="fp32", device="cpu").model.llm  # the exact weights tinyr1 loads
+    llm.generation_config.eos_token_id = tok.eos_token_id
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    llm.save_pretrained(hdir)
+    tok.save_pretrained(hdir)
+    ids = prompt_tensor(tok, QUESTION, "train")  # [P] with one -200
+    total = ids.numel() - 1 + spec.video_tokens
+    text = matched_text_prompt(tok, total)
+    return Spec(**{**asdict(spec), "tinyr1_dir": str(tdir), "trl_dir": str(hdir), "prompt_tokens": total,
+                   "trl_prompt": text})
+
+
+def matched_text_prompt(tok: Any, total: int) -> str:
+    """tinyr1's chat prompt with `<image>` replaced by filler words, `total` tokens exactly."""
+    from tinyr1.prompts import build_prompt, render_chat
+
+    head, tail = render_chat(build_prompt(QUESTION, mode="train")).split("<image>")
+    count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    n = max(total - count(head + tail), 0)
+    while True:
+        text = head + " red" * n + tail
+        got = count(text)
+        if got == total:
+            return text
+        if got > total and n == 0:
+            raise SystemExit(f"cannot build a {total}-token text prompt (the bare prompt has {got})")
+        n += total - got
+
+
+# ---- tinyr1 worker ---------------------------------------------------------------------------
+class NeverEos:
+    """The tokenizer with an EOS id no token has: every completion runs to max_new_tokens."""
+
+    eos_token_id = -1
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tok(*args, **kwargs)
+
+
+def tinyr1_config(spec: Spec) -> Any:
+    from dataclasses import replace
+
+    from tinyr1.config import Config
+
+    c = Config()
+    return replace(
+        c,
+        model=replace(c.model, path=spec.tinyr1_dir, quant=spec.quant, dtype=spec.dtype, device=spec.device,
+                      gradient_checkpointing=spec.gradient_checkpointing, train_connector=False),
+        lora=replace(c.lora, r=spec.lora_r, alpha=spec.lora_alpha, dropout=0.0),
+        rollout=replace(c.rollout, num_generations=spec.group_size, max_new_tokens=spec.max_new_tokens,
+                        temperature=1.0, top_k=0, top_p=1.0, prompts_per_step=1),
+        grpo=replace(c.grpo, loss_type="grpo", beta=spec.beta, num_iterations=1, scale_rewards="group"),
+        train=replace(c.train, lr=spec.lr, lr_scheduler="constant", warmup_ratio=0.0,
+                      micro_batch_size=spec.micro_batch, optimizer="adamw", seed=spec.seed),
+    )
+
+
+def run_tinyr1(spec: Spec) -> None:
+    import torch
+
+    from tinyr1.data import Sample
+    from tinyr1.kernels import resolve_backend
+    from tinyr1.model.loading import trainable_parameters
+    from tinyr1.session import build_model, make_optimizer, make_scheduler
+    from tinyr1.trainer import Ctx, rollout_step, update_step
+
+    cfg = tinyr1_config(spec)
+    torch.manual_seed(spec.seed)
+    model, tok = build_model(cfg)
+    params = list(trainable_parameters(model).values())
+    opt = make_optimizer(cfg, params, cfg.train.lr, model.device)
+    ctx = Ctx(cfg, model, NeverEos(tok), opt, make_scheduler(cfg, opt, spec.steps), torch.Generator().manual_seed(spec.seed),
+              [("bench", 1.0, bench_reward)], resolve_backend(cfg.model.kernels, model.device))
+    pixels = torch.rand(spec.frames, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))  # [T, 3, S, S]
+    batch = [(Sample(id="q0", video=Path("random.mp4"), question=QUESTION, answer="A"), pixels)]
+    meter = StepMeter(spec.device)
+    emit({"ready": True, "rss_setup": rss_now()})
+    while (cmd := wait_command()) != "quit":
+        resident = resident_bytes(model, opt)
+        meter.begin(cmd == "memory")
+        sync(spec.device)
+        t0 = time.perf_counter()
+        ro, feats = rollout_step(ctx, batch)
+        sync(spec.device)
+        t1 = time.perf_counter()
+        upd = update_step(ctx, ro, feats)
+        sync(spec.device)
+        t2 = time.perf_counter()
+        peak = meter.end()
+        emit({"rollout": t1 - t0, "update": t2 - t1, "total": t2 - t0, "step_peak": peak, "resident": resident,
+              "completion_tokens": float(ro.completion_mask.sum(1).float().mean()),
+              "prompt_tokens": ro.prompt_ids[0].numel() - 1 + ro.video_tokens[0].shape[0],
+              "loss": upd.get("loss", float("nan"))})
+    emit({"done": True, "peak_rss": peak_rss()})
+
+
+# ---- TRL worker ------------------------------------------------------------------------------
+def timed_trainer_class(device: str) -> type:
+    """GRPOTrainer timing its rollout; the no-grad log-prob passes inside it are moved to the update."""
+    from trl import GRPOTrainer
+
+    class TimedGRPOTrainer(GRPOTrainer):  # type: ignore[misc]
+        bench_rollout = 0.0
+        bench_scoring = 0.0
+        bench_in_rollout = False
+        bench_tokens = 0.0
+        bench_prompt = 0
+
+        def _generate_and_score_completions(self, inputs: Any) -> Any:
+            sync(device)
+            t0 = time.perf_counter()
+            self.bench_in_rollout = True
+            try:
+                out = super()._generate_and_score_completions(inputs)
+            finally:
+                self.bench_in_rollout = False
+            sync(device)
+            self.bench_rollout += time.perf_counter() - t0
+            self.bench_tokens = float(out["completion_mask"].sum(1).float().mean())
+            self.bench_prompt = int(out["prompt_ids"].shape[1])
+            return out
+
+        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+            if not self.bench_in_rollout:
+                return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            sync(device)
+            t0 = time.perf_counter()
+            out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            sync(device)
+            self.bench_scoring += time.perf_counter() - t0
+            return out
+
+    return TimedGRPOTrainer
+
+
+def step_callback(spec: Spec) -> Any:
+    """Waits for the parent's command before each optimizer step and reports after it."""
+    from transformers import TrainerCallback
+
+    class StepReport(TrainerCallback):  # type: ignore[misc]
+        trainer: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            cmd = wait_command()
+            self.resident = resident_bytes(kw["model"], kw["optimizer"])
+            self.trainer.bench_rollout = self.trainer.bench_scoring = 0.0
+            self.meter = StepMeter(spec.device)
+            self.meter.begin(cmd == "memory")
+            sync(spec.device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            sync(spec.device)
+            total = time.perf_counter() - self.t0
+            peak = self.meter.end()
+            tr = self.trainer
+            rollout = tr.bench_rollout - tr.bench_scoring
+            emit({"rollout": rollout, "update": total - rollout, "total": total, "step_peak": peak,
+                  "resident": self.resident, "completion_tokens": tr.bench_tokens, "prompt_tokens": tr.bench_prompt})
+
+    return StepReport()
+
+
+def trl_args(spec: Spec, out_dir: str) -> Any:
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=spec.micro_batch,
+        gradient_accumulation_steps=spec.group_size // spec.micro_batch, num_generations=spec.group_size,
+        max_completion_length=spec.max_new_tokens, generation_kwargs={"min_new_tokens": spec.max_new_tokens},
+        temperature=1.0, top_k=0, top_p=1.0, beta=spec.beta, loss_type="grpo", scale_rewards="group",
+        num_iterations=1, learning_rate=spec.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", gradient_checkpointing=spec.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, max_steps=spec.steps, logging_steps=10**6,
+        save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=spec.device == "cpu",
+        bf16=spec.dtype == "bf16", seed=spec.seed, shuffle_dataset=False, dataloader_num_workers=0,
+        log_completions=False,
+    )
+
+
+def run_trl(spec: Spec) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, Qwen2ForCausalLM
+
+    from tinyr1.model.loading import LORA_DEFAULT_TARGETS
+    from tinyr1.tokenizer import load_tokenizer
+
+    dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+    extra: dict[str, Any] = {}
+    if spec.quant == "nf4":
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = Qwen2ForCausalLM.from_pretrained(spec.trl_dir, dtype=dtype, device_map={"": spec.device}, **extra)
+    tok = load_tokenizer(spec.trl_dir)
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(LORA_DEFAULT_TARGETS), task_type="CAUSAL_LM")
+    data = Dataset.from_dict({"prompt": [spec.trl_prompt] * (spec.steps + 1)})
+    callback = step_callback(spec)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = timed_trainer_class(spec.device)(
+            model=model, reward_funcs=[bench_reward], args=trl_args(spec, out_dir), train_dataset=data,
+            processing_class=tok, peft_config=lora, callbacks=[callback])
+        callback.trainer = trainer
+        emit({"ready": True, "rss_setup": rss_now()})
+        trainer.train()
+    wait_command()  # "quit"
+    emit({"done": True, "peak_rss": peak_rss()})
+
+
+# ---- parent: run both, interleaved -----------------------------------------------------------
+class Worker:
+    def __init__(self, name: str, spec_path: Path, log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.log.flush()
+        tail = "".join(self.log_path.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"the {self.name} worker stopped (exit {self.proc.wait()}); last log lines:\n{tail}")
+
+    def send(self, cmd: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.log.close()
+
+
+def schedule(warmup: int, timed: int, memory: bool) -> list[str]:
+    return ["warmup"] * warmup + (["memory"] if memory else []) + ["timed"] * timed
+
+
+def run_both(spec: Spec, work: Path, kinds: list[str], names: tuple[str, ...], log_dir: Path) -> dict[str, dict[str, Any]]:
+    """Start both workers, then alternate them step by step (who goes first alternates too)."""
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(asdict(spec)))
+    workers = {n: Worker(n, spec_path, log_dir / f"vs_trl_{n}.log") for n in names}
+    steps: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    info: dict[str, dict[str, Any]] = {}
+    try:
+        for n, w in workers.items():
+            info[n] = w.read()
+        for i, kind in enumerate(kinds):
+            order = names if i % 2 == 0 else names[::-1]
+            for n in order:
+                workers[n].send(kind)
+                steps[n].append({"kind": kind, **workers[n].read()})
+                print(f"  step {i + 1}/{len(kinds)} ({kind}) {n}: {steps[n][-1]['total']:.2f} s", file=sys.stderr)
+        for n, w in workers.items():
+            w.send("quit")
+            info[n].update(w.read())
+    finally:
+        for w in workers.values():
+            w.close()
+    return {n: summarize(steps[n], info[n], spec) for n in names}
+
+
+def summarize(steps: list[dict[str, Any]], info: dict[str, Any], spec: Spec) -> dict[str, Any]:
+    timed = [s for s in steps if s["kind"] == "timed"]
+    measured = [s for s in steps if s["kind"] != "warmup" and s["step_peak"] is not None]
+    mean = lambda key: sum(s[key] for s in timed) / max(len(timed), 1)  # noqa: E731
+    out: dict[str, Any] = {k: mean(k) for k in ("rollout", "update", "total")}
+    out["total_std"] = (sum((s["total"] - out["total"]) ** 2 for s in timed) / max(len(timed) - 1, 1)) ** 0.5
+    if measured:
+        best = max(measured, key=lambda s: s["step_peak"])
+        cuda = spec.device.startswith("cuda")
+        out["step_peak_bytes"] = best["step_peak"] if not cuda else best["step_peak"] - best["resident"]
+        out["resident_bytes"] = best["resident"]
+        out["peak_bytes"] = best["step_peak"] if cuda else best["resident"] + best["step_peak"]
+    out["peak_rss_bytes"] = info.get("peak_rss")
+    out["completion_tokens"] = steps[-1]["completion_tokens"]
+    out["prompt_tokens"] = steps[-1]["prompt_tokens"]
+    out["steps"] = steps
+    return out
+
+
+def print_table(res: dict[str, dict[str, Any]], spec: Spec) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = lambda b: f"{b / 2**20:,.1f}" if b else "-"  # noqa: E731
+    peak_name = "peak GPU alloc (MiB)" if spec.device.startswith("cuda") else "peak tensors (MiB)"
+    cols = ["framework", "rollout s/step", "update s/step", "total s/step", peak_name, "of which step", "peak RSS (MiB)",
+            "prompt tok", "completion tok"]
+    table = Table(title=f"GRPO step, G={spec.group_size}, {spec.max_new_tokens} new tokens, prompt {spec.prompt_tokens} "
+                        f"tokens, Qwen2 {spec.hidden}x{spec.layers} vocab {spec.vocab}, LoRA r={spec.lora_r}, "
+                        f"quant={spec.quant}, beta={spec.beta}, {spec.device} {spec.dtype}")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "framework" else "right")
+    for n, r in res.items():
+        table.add_row(n, f"{r['rollout']:.3f}", f"{r['update']:.3f}", f"{r['total']:.3f} ± {r['total_std']:.3f}",
+                      mib(r.get("peak_bytes")), mib(r.get("step_peak_bytes")), mib(r["peak_rss_bytes"]),
+                      str(r["prompt_tokens"]), f"{r['completion_tokens']:.1f}")
+    if len(res) == 2:
+        a, b = res["tinyr1"], res["trl"]
+        ratio = lambda k: f"{b[k] / a[k]:.2f}x" if a.get(k) and b.get(k) else "-"  # noqa: E731
+        table.add_row("TRL / tinyr1", ratio("rollout"), ratio("update"), ratio("total"), ratio("peak_bytes"),
+                      ratio("step_peak_bytes"), ratio("peak_rss_bytes"), "", "")
+    Console(width=max(Console().width, 150)).print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--device", default="cpu", choices=["cpu", "cuda"])
+    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, fp32 on cpu")
+    a("--hidden", type=int, default=256)
+    a("--layers", type=int, default=4)
+    a("--heads", type=int, default=4)
+    a("--kv-heads", type=int, default=2)
+    a("--intermediate", type=int, default=None, help="default: 5.375 x hidden (Qwen2.5's ratio)")
+    a("--vocab", type=int, default=8192, help="Qwen2.5: 151936")
+    a("--frames", type=int, default=16)
+    a("--video-tokens", type=int, default=256, help="tinyr1 video tokens (Q); the real model has 512")
+    a("--image-size", type=int, default=32)
+    a("-G", "--group-size", type=int, default=8)
+    a("--max-new-tokens", type=int, default=64)
+    a("--micro-batch", type=int, default=8, help="completions per forward/backward (must divide G)")
+    a("--lora-r", type=int, default=16)
+    a("--lora-alpha", type=float, default=32.0)
+    a("--quant", default="none", choices=["none", "nf4"])
+    a("--beta", type=float, default=0.01)
+    a("--no-gradient-checkpointing", dest="gc", action="store_false")
+    a("--lr", type=float, default=1e-5)
+    a("--seed", type=int, default=0)
+    a("--warmup", type=int, default=1)
+    a("--steps", type=int, default=4, help="timed steps per framework")
+    a("--no-memory-step", dest="memory", action="store_false", help="CPU: skip the live-tensor tracked step")
+    a("--frameworks", default="tinyr1,trl")
+    a("--json", default=None, help="write the results here")
+    a("--log-dir", default=None, help="keep the workers' logs here (env VS_TRL_RECORD=1: what the memory peak holds)")
+    a("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    a("--spec", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        spec = Spec(**json.loads(Path(args.spec).read_text()))
+        (run_tinyr1 if args.worker == "tinyr1" else run_trl)(spec)
+        return 0
+    if args.group_size % args.micro_batch:
+        raise SystemExit(f"--micro-batch {args.micro_batch} must divide -G {args.group_size}")
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if args.device == "cuda" else "fp32")
+    memory = args.memory and args.device == "cpu"
+    kinds = schedule(args.warmup, args.steps, memory)
+    inter = args.intermediate or int(math.ceil(args.hidden * 5.375 / 64) * 64)
+    spec = Spec(args.device, dtype, args.hidden, args.layers, args.heads, args.kv_heads, inter, args.vocab, args.frames,
+                args.video_tokens, args.image_size, args.group_size, args.max_new_tokens, args.micro_batch, args.lora_r,
+                args.lora_alpha, args.quant, args.beta, args.gc, args.lr, args.seed, len(kinds))
+    names = tuple(n for n in args.frameworks.split(",") if n)
+    with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
+        spec = write_models(spec, Path(tmp))
+        log_dir = Path(args.log_dir or tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        res = run_both(spec, Path(tmp), kinds, names, log_dir)
+    print_table(res, spec)
+    if args.json:
+        load = os.getloadavg()
+        meta = {"spec": {k: v for k, v in asdict(spec).items() if not k.endswith("_dir")}, "loadavg": load,
+                "date": time.strftime("%Y-%m-%d %H:%M")}
+        Path(args.json).write_text(json.dumps({**meta, "results": res}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
