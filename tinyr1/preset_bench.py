@@ -15,6 +15,7 @@ shapes (apples to apples) and the full-size estimate is shown for reference.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import tempfile
@@ -165,6 +166,7 @@ class BenchResult:
     peak_rss: int | None = None
     load_avg: tuple[float, float, float] | None = None
     prompt_tokens: int = 0
+    overrides: list[str] = field(default_factory=list)  # the user's --set values (they apply at full size too)
     notes: list[str] = field(default_factory=list)
 
     def mean(self, phase: str) -> float:
@@ -219,6 +221,9 @@ def bench_config(preset: str, overrides: list[str], *, scale: str, device: str) 
         for key, value in REDUCED_RUN.items():
             section, name = key.split(".")
             sets.append(f"{key}={min(value, getattr(getattr(full, section), name))}")
+        rows = min(REDUCED_RUN["rollout.prompts_per_step"], full.rollout.prompts_per_step) * full.rollout.num_generations
+        if rows % full.train.micro_batch_size:  # the micro-batch must divide the rows
+            sets.append(f"train.micro_batch_size={math.gcd(rows, full.train.micro_batch_size)}")
     run = apply_overrides(load_config(preset), sets + list(overrides))
     return full, run, reduced
 
@@ -252,15 +257,18 @@ def run_preset_bench(
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     say = on_status or (lambda _msg: None)
     full_cfg, cfg, reduced = bench_config(preset, overrides or [], scale=scale, device=device)
-    knobs = {k: v for k, v in (knobs or {}).items() if v}
-    if reduced:
-        knobs = {**REDUCED_ARCH, **knobs}
+    user = {k: v for k, v in (knobs or {}).items() if v}
     with tempfile.TemporaryDirectory(prefix="tinyr1-bench-") as tmp:
         model_dir = Path(checkpoint_dir) if checkpoint_dir else Path(tmp) / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
         build_tiny_tokenizer(model_dir)
         tok = load_tokenizer(model_dir)
         full_arch = _arch_of(full_cfg, len(tok))
+        knobs = dict(user)
+        if reduced:  # the defaults never enlarge the preset's architecture; the user's knobs apply as given
+            own = {"layers": full_arch.layers, "hidden": full_arch.hidden, "vision_layers": full_arch.vision_layers,
+                   "vision_hidden": full_arch.vision_hidden}
+            knobs = {**{k: v for k, v in REDUCED_ARCH.items() if v < own[k]}, **user}
         arch = reduce_arch(full_arch, **knobs) if knobs else full_arch
         raw = raw_config_for(arch, tok.eos_token_id, frames=cfg.video.num_frames, demo=cfg.model.synth)
         dtype = torch.bfloat16 if cfg.model.device == "cuda" else torch.float32
@@ -269,11 +277,12 @@ def run_preset_bench(
         cfg = replace(cfg, model=replace(cfg.model, path=str(model_dir), synth=False),
                       grpo=replace(cfg.grpo, mask_truncated_completions=cfg.grpo.mask_truncated_completions and allow_eos))
         result = _run(cfg, arch, Path(tmp), steps=steps, seed=seed, allow_eos=allow_eos, say=say)
-    result.preset = full_cfg.preset
-    if knobs:
-        result.scale = ", ".join(f"{k}={v}" for k, v in knobs.items()) + (
-            "; " + ", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])}" for k in REDUCED_RUN)
-            if reduced else "")
+    result.preset, result.overrides = full_cfg.preset, list(overrides or [])
+    if knobs or reduced:
+        parts = [", ".join(f"{k}={v}" for k, v in knobs.items())]
+        if reduced:
+            parts.append(", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])}" for k in REDUCED_RUN))
+        result.scale = "; ".join(p for p in parts if p)
         full_run = RunShape.from_config(full_cfg, result.prompt_tokens if full_cfg.model.synth else 160)
         from tinyr1.memory import estimate
 
@@ -281,7 +290,7 @@ def run_preset_bench(
     return result
 
 
-def _build(cfg: Config, data_dir: Path, seed: int, allow_eos: bool) -> tuple[Any, Any]:
+def build_ctx(cfg: Config, data_dir: Path, seed: int, allow_eos: bool) -> tuple[Any, Any]:
     """Ctx (exactly as `train` builds it) and a SampleFeeder over synthetic clips at the run's shapes."""
     from tinyr1.feed import SampleFeeder
     from tinyr1.kernels import resolve_backend
@@ -323,8 +332,12 @@ def _peak_cuda(device: torch.device, reset: bool) -> int:
     return peak
 
 
-def _step(ctx: Any, feeder: Any, live: Any = None) -> tuple[float, float, int, dict[str, int], Any]:
+def measured_step(
+    ctx: Any, feeder: Any, live: Any = None, batch: list[tuple[Any, torch.Tensor]] | None = None
+) -> tuple[float, float, int, dict[str, int], Any]:
     """One GRPO step as `grpo_loop` runs it: (rollout s, update s, new tokens, peaks, rollout).
+
+    The rollout time includes decoding the videos (as train's time/rollout) unless `batch` is given.
     Peaks: CUDA max_memory_allocated per phase; with a LiveTensorBytes tracker, its per-phase peak."""
     from tinyr1.loss import completion_mask
     from tinyr1.trainer import rollout_step, update_step
@@ -332,7 +345,7 @@ def _step(ctx: Any, feeder: Any, live: Any = None) -> tuple[float, float, int, d
     dev = ctx.model.device
     _peak_cuda(dev, reset=True)
     t0 = time.perf_counter()
-    batch = feeder.next_batch(ctx.cfg.rollout.prompts_per_step)
+    batch = batch if batch is not None else feeder.next_batch(ctx.cfg.rollout.prompts_per_step)
     ro, feats = rollout_step(ctx, batch)
     _sync(dev)
     t1 = time.perf_counter()
@@ -377,17 +390,32 @@ def _peak_rss() -> int:
 
 def _run(cfg: Config, arch: Arch, tmp: Path, *, steps: int, seed: int, allow_eos: bool, say: Any) -> BenchResult:
     from tinyr1.memory import estimate
+
+    ctx, feeder = build_ctx(cfg, tmp / "data", seed, allow_eos)
+    try:
+        return _measure(ctx, feeder, cfg, arch, steps=steps, allow_eos=allow_eos, say=say)
+    except torch.cuda.OutOfMemoryError as err:
+        from tinyr1.errors import DeviceError
+        from tinyr1.memory import need_bytes
+
+        need = need_bytes(estimate(arch, RunShape.from_config(cfg)))
+        raise DeviceError(f"out of GPU memory during the bench of '{cfg.preset}' ({err}); the planner estimated "
+                          f"{_gib(need)} for these shapes. Try `tinyr1 plan --preset {cfg.preset}` for smaller "
+                          "settings and pass them with --set.") from None
+
+
+def _measure(ctx: Any, feeder: Any, cfg: Config, arch: Arch, *, steps: int, allow_eos: bool, say: Any) -> BenchResult:
+    from tinyr1.memory import estimate
     from tinyr1.memory_measure import LiveTensorBytes
 
-    ctx, feeder = _build(cfg, tmp / "data", seed, allow_eos)
     dev = ctx.model.device
     say("warm-up step (not timed)")
-    *_, ro = _step(ctx, feeder)
+    *_, ro = measured_step(ctx, feeder)
     rss_reset = _reset_peak_rss()
     rollout_s, update_s, tokens, peaks = [], [], [], {"rollout": 0, "update": 0}
     for i in range(steps):
         say(f"timed step {i + 1}/{steps}")
-        r, u, n, p, ro = _step(ctx, feeder)
+        r, u, n, p, ro = measured_step(ctx, feeder)
         rollout_s.append(r)
         update_s.append(u)
         tokens.append(n)
@@ -398,10 +426,17 @@ def _run(cfg: Config, arch: Arch, tmp: Path, *, steps: int, seed: int, allow_eos
     else:
         say("memory step (live tensor bytes, not timed)")
         base = _resident_bytes(ctx)
+        # On a GPU the decoded frames are host memory and each video is copied to the device (in the
+        # compute dtype) only while the tower encodes it. Emulate that: decode before the tracker
+        # counts, and hand the frames over in float64 so the tower's `.to(device, dtype)` makes that
+        # per-video copy here too (on the CPU in fp32 it would otherwise read them in place).
+        batch = [(sample, frames.double()) for sample, frames in feeder.next_batch(cfg.rollout.prompts_per_step)]
         with LiveTensorBytes() as live:
-            _, _, _, p, ro = _step(ctx, feeder, live)
+            _, _, _, p, ro = measured_step(ctx, feeder, live, batch)
+        del batch
         peaks = {k: base + v for k, v in p.items()}
-        method = "live tensor bytes (weights + optimizer state + TorchDispatchMode peak), one extra step"
+        method = ("live tensor bytes: weights + optimizer state + the peak of a TorchDispatchMode tracker over one "
+                  "extra step; decoded frames are held outside it, as host memory on a GPU")
     peaks["step"] = max(peaks["rollout"], peaks["update"])
     prompt_tokens = round(sum(p.numel() - 1 for p in ro.prompt_ids) / len(ro.prompt_ids))
     shape = RunShape.from_config(cfg, prompt_tokens)
@@ -451,7 +486,8 @@ def print_result(res: BenchResult, console: Any) -> None:
         console.print(f"peak RSS: {_gib(res.peak_rss)}")
     if res.full_estimate is not None:
         f = res.full_estimate
-        console.print(f"full-size planner estimate (as `tinyr1 plan --preset {res.preset}`): rollout {_gib(f['rollout'])}, "
+        sets = "".join(f" --set {o}" for o in res.overrides)
+        console.print(f"full-size planner estimate (as `tinyr1 plan --preset {res.preset}{sets}`): rollout {_gib(f['rollout'])}, "
                       f"update {_gib(f['update'])}, with overheads {_gib(f['need'])}")
     if res.load_avg is not None:
         console.print(f"load average during the run: {res.load_avg[0]:.2f} {res.load_avg[1]:.2f} {res.load_avg[2]:.2f}")
