@@ -441,6 +441,9 @@ def _measure(ctx: Any, feeder: Any, cfg: Config, arch: Arch, *, steps: int, allo
     prompt_tokens = round(sum(p.numel() - 1 for p in ro.prompt_ids) / len(ro.prompt_ids))
     shape = RunShape.from_config(cfg, prompt_tokens)
     notes = [] if allow_eos else ["EOS suppressed: every completion runs to max_new_tokens (the planner's worst case)"]
+    if dev.type == "cuda" and cfg.train.optimizer == "paged_adamw8bit":
+        notes.append("paged optimizer states live in CUDA unified memory, outside max_memory_allocated; "
+                     "the estimate counts them")
     if dev.type == "cpu":
         notes.append(f"peak RSS {'during the timed steps' if rss_reset else 'of the whole process'} includes "
                      "Python, torch and the loader, so it is not comparable to the tensor estimate")
