@@ -73,6 +73,7 @@ class Spec:
     lr: float
     seed: int
     steps: int  # warm-up + memory + timed
+    threads: int = 1  # torch CPU threads per worker (0 = torch's default)
     tinyr1_dir: str = ""
     trl_dir: str = ""
     prompt_tokens: int = 0  # total prompt positions, both frameworks
@@ -402,9 +403,11 @@ def run_trl(spec: Spec) -> None:
 
 # ---- parent: run both, interleaved -----------------------------------------------------------
 class Worker:
-    def __init__(self, name: str, spec_path: Path, log_path: Path) -> None:
+    def __init__(self, name: str, spec_path: Path, log_path: Path, threads: int) -> None:
         self.name, self.log_path = name, log_path
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+        if threads > 0:
+            env["OMP_NUM_THREADS"] = str(threads)
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path)],
@@ -438,7 +441,7 @@ def run_both(spec: Spec, work: Path, kinds: list[str], names: tuple[str, ...], l
     """Start both workers, then alternate them step by step (who goes first alternates too)."""
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
-    workers = {n: Worker(n, spec_path, log_dir / f"vs_trl_{n}.log") for n in names}
+    workers = {n: Worker(n, spec_path, log_dir / f"vs_trl_{n}.log", spec.threads) for n in names}
     steps: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     info: dict[str, dict[str, Any]] = {}
     try:
@@ -527,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--no-gradient-checkpointing", dest="gc", action="store_false")
     a("--lr", type=float, default=1e-5)
     a("--seed", type=int, default=0)
+    a("--threads", type=int, default=1,
+      help="CPU: torch threads per worker (0 = torch default). 1 is robust on a shared machine: with several "
+           "threads, another process's load stalls OpenMP barriers and makes step times erratic")
     a("--warmup", type=int, default=1)
     a("--steps", type=int, default=4, help="timed steps per framework")
     a("--no-memory-step", dest="memory", action="store_false", help="CPU: skip the live-tensor tracked step")
@@ -542,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         spec = Spec(**json.loads(Path(args.spec).read_text()))
+        if spec.threads > 0:
+            import torch
+
+            torch.set_num_threads(spec.threads)
         (run_tinyr1 if args.worker == "tinyr1" else run_trl)(spec)
         return 0
     if args.group_size % args.micro_batch:
@@ -552,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     inter = args.intermediate or int(math.ceil(args.hidden * 5.375 / 64) * 64)
     spec = Spec(args.device, dtype, args.hidden, args.layers, args.heads, args.kv_heads, inter, args.vocab, args.frames,
                 args.video_tokens, args.image_size, args.group_size, args.max_new_tokens, args.micro_batch, args.lora_r,
-                args.lora_alpha, args.quant, args.beta, args.gc, args.lr, args.seed, len(kinds))
+                args.lora_alpha, args.quant, args.beta, args.gc, args.lr, args.seed, len(kinds),
+                args.threads if args.device == "cpu" else 0)
     names = tuple(n for n in args.frameworks.split(",") if n)
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
         spec = write_models(spec, Path(tmp))
