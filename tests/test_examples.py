@@ -1,4 +1,4 @@
-"""examples/ and docs/USAGE_release.md: scripts have their header, every `tinyr1` command in them
+"""examples/ and the README's "Evaluate, ask, release" section: scripts have their header, every `tinyr1` command in them
 parses with the real CLI (and its `--set` keys validate against the preset), the custom reward
 plugs in by `module:function`, and (slow) the tiny CPU pipeline and the documented commands run
 end to end as written."""
@@ -22,11 +22,19 @@ from tinyr1.rewards import compute_rewards, resolve_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-USAGE = ROOT / "docs" / "USAGE_release.md"
+README = ROOT / "README.md"
+USAGE_HEADING = "## Evaluate, ask, release"
 SCRIPTS = ("tiny_cpu.sh", "nextqa_24gb.sh", "custom_reward.py")
 QUICK_TRAIN = ["--set", "coldstart.steps=2", "--set", "train.steps=2", "--set", "data.synth_n=32",
                "--set", "data.synth_eval_n=16", "--set", "rollout.prompts_per_step=2",
                "--set", "rollout.num_generations=4", "--set", "train.micro_batch_size=8", "--set", "log.progress=false"]
+
+
+def usage_section() -> str:
+    """The README section whose commands must run as written on the tiny model."""
+    text = README.read_text()
+    assert USAGE_HEADING in text, f"README.md lost its {USAGE_HEADING!r} section"
+    return text.split(USAGE_HEADING, 1)[1].split("\n## ", 1)[0]
 
 
 def tinyr1_commands(text: str) -> list[list[str]]:
@@ -64,9 +72,9 @@ def test_scripts_have_a_header_saying_what_they_need_and_take(name: str) -> None
         assert (EXAMPLES / name).stat().st_mode & 0o111, f"{name} should be executable"
 
 
-@pytest.mark.parametrize("source", ["tiny_cpu.sh", "nextqa_24gb.sh", "USAGE_release.md"])
+@pytest.mark.parametrize("source", ["tiny_cpu.sh", "nextqa_24gb.sh", "README.md"])
 def test_every_tinyr1_command_parses(source: str) -> None:
-    text = (USAGE if source.endswith(".md") else EXAMPLES / source).read_text()
+    text = usage_section() if source == "README.md" else (EXAMPLES / source).read_text()
     commands = tinyr1_commands(text)
     assert len(commands) >= 4
     parser = build_parser()
@@ -125,7 +133,7 @@ def test_tiny_cpu_script_end_to_end(tmp_path: Path) -> None:
 def test_usage_doc_commands_run_as_written(tmp_path: Path) -> None:
     """The documented train command (made quick with extra --set values), then every other
     documented command exactly as written, from a fresh folder."""
-    commands = tinyr1_commands(USAGE.read_text())
+    commands = tinyr1_commands(usage_section())
     assert commands[0][:2] == ["tinyr1", "train"]
     cli = [sys.executable, "-m", "tinyr1"]
     _run(cli + commands[0][1:] + QUICK_TRAIN, cwd=tmp_path)

@@ -137,6 +137,7 @@ def train(
     scheduler = make_scheduler(cfg, optimizer, steps * cfg.grpo.num_iterations)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     ctx = Ctx(cfg, model, tok, optimizer, scheduler, generator, reward_funcs, resolve_backend(cfg.model.kernels, model.device))
+    console.print(describe_run(ctx, len(params)))
     state = resume_state(ctx, run_dir) if resume is not None else None
     if resume is not None and state is None:
         console.print(f"{run_dir} has no complete checkpoint yet: starting from the beginning")
@@ -164,6 +165,16 @@ def train(
                 evaluate_at(state.step)
                 print_eval_summary(run_dir, console)
     return run_dir
+
+
+def describe_run(ctx: Ctx, n_params: int) -> str:
+    """One line saying what this run really uses (device, quantization, kernels), before step 1."""
+    cfg, model = ctx.cfg, ctx.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ro = cfg.rollout
+    return (f"run: {cfg.preset} on {model.device} · LLM {cfg.model.quant} {cfg.model.dtype} · LoRA r{cfg.lora.r} "
+            f"({trainable / 1e6:.2f}M trainable in {n_params} tensors) · {ro.prompts_per_step} prompts x G={ro.num_generations}"
+            f" · log-probs: {ctx.backend} kernel")
 
 
 def print_eval_summary(run_dir: Path, console: Console) -> None:
