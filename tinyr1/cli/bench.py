@@ -26,10 +26,10 @@ Peak memory: CUDA max_memory_allocated per phase; CPU: live tensor bytes of one 
 the peak RSS. EOS is suppressed (completions run to max_new_tokens) unless --allow-eos.
 On a CPU, presets other than tiny run at a reduced scale (printed): LLM 2 layers x 256, vision
 1 layer x 128, 2 prompts, <= 32 new tokens; G, frames, image size, video tokens, vocabulary,
-micro-batch and LoRA rank stay. --scale full/reduced and --layers/--hidden/... change that.
+micro-batch (lowered only to divide the rows) and LoRA rank stay. --scale full/reduced and --layers/--hidden/... change that.
 
 Examples:
-  tinyr1 bench --preset tiny                # CPU, well under a minute
+  tinyr1 bench --preset tiny --threads 1    # CPU, the tiny demo model: ~20 s (1 thread is faster on a busy machine)
   tinyr1 bench --preset 12gb --steps 3 --json 12gb.json
   tinyr1 bench --preset 24gb --layers 4 --set rollout.max_new_tokens=64   # CPU, a larger reduced run
   tinyr1 bench kernels                      # per-token log-probs at Qwen2.5-3B shapes
