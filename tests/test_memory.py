@@ -129,7 +129,7 @@ def test_weights_nf4_lora_and_8bit_optimizer_bytes_match_the_real_modules() -> N
 def test_larger_runs_need_more_and_advice_actually_fits() -> None:
     arch = Arch.qwen25_3b()
     base = RunShape()
-    for field, bigger in [("group_size", 16), ("frames", 32), ("max_new_tokens", 1024), ("micro_batch", 8),
+    for field, bigger in [("group_size", 16), ("frames", 32), ("max_new_tokens", 1024), ("micro_batch", 16),
                           ("lora_r", 128)]:
         assert need_bytes(estimate(arch, RunShape(**{field: bigger}))) > need_bytes(estimate(arch, base)), field
     huge = RunShape(group_size=64)

@@ -196,13 +196,20 @@ def logprob_terms(arch: Any, run: Any, n: int) -> tuple[int, int, int]:
     return n * d * 4 + n * 12, fwd, bwd  # mean_w [N, D] fp32 + lse, logp, entropy
 
 
+def update_shapes(arch: Any, run: Any) -> tuple[int, int, int, int]:
+    """(prompts k, prompt positions S_p, completion rows mb, completion positions L') of one update
+    micro-batch: each of its k prompts runs once, its mb rows run their L' = L - 1 tokens against the
+    prompt's K/V repeated to them (`rollout.shared_prefix_hidden`)."""
+    return (max_prompts_per_microbatch(run), run.prompt_tokens - 1 + arch.num_queries, min(run.micro_batch, run.rows),
+            max(run.max_new_tokens - 1, 1))
+
+
 def update_moments(arch: Any, run: Any) -> dict[str, Moment]:
-    c, d, mb = run.c, arch.hidden, min(run.micro_batch, run.rows)
-    seq = run.prompt_tokens - 1 + arch.num_queries + run.max_new_tokens
-    tokens, n = mb * seq, mb * run.max_new_tokens
-    k = max_prompts_per_microbatch(run)
-    mixed = k > 1  # rows of different prompts have different lengths: padding, an explicit mask
-    ops = layer_ops(arch, run, expand_kv=mixed, seq=seq)
+    c, d = run.c, arch.hidden
+    k, s_p, mb, ls = update_shapes(arch, run)
+    tokens, n = k * s_p + mb * ls, mb * run.max_new_tokens  # positions through the layers; log-prob rows
+    ops = layer_ops(arch, run, expand_kv=True, seq=s_p)  # explicit masks: K/V repeated to all heads
+    kv_rows = 2 * mb * s_p * d * c  # the prompt's K/V (all heads) repeated to the rows, saved by attention
     feat = run.frames * arch.kept_patches * arch.vision_hidden * c
     base: Moment = {
         "vision features (kept for update)": ("kept", run.prompts * feat, "from the rollout"),
@@ -212,26 +219,28 @@ def update_moments(arch: Any, run: Any) -> dict[str, Moment]:
     if run.beta > 0 or run.num_iterations > 1:
         base["reference log-probs"] = ("kept", run.rows * run.max_new_tokens * 4 * (1 + int(run.num_iterations > 1)), "")
     conn = k * connector_saved(arch, run) if run.train_connector else 0
-    shared = 2 * tokens * arch.head_dim * c + (mb * seq * seq if mixed else 0)  # cos/sin (+ bool mask)
-    per_layer = layer_saved(ops, arch, run) if not run.grad_checkpointing else d * c
+    masks = (k * s_p * s_p + mb * ls * (s_p + ls)) * c  # additive prompt / completion masks
+    shared = 2 * tokens * arch.head_dim * c + masks  # cos/sin + masks
+    per_layer = (tokens * layer_saved(ops, arch, run) + kv_rows) if not run.grad_checkpointing else tokens * d * c
     lp_saved, lp_fwd, lp_bwd = logprob_terms(arch, run, n)
-    norm_saved = tokens * d * 4 if (c != 4 and not run.liger) else 0
+    norm_saved = (n * d * 4 if (c != 4 and not run.liger) else 0) + n * d * c  # the [n, L, D] cat + fp32 norm input
     ckpt = "layer inputs (checkpoints)" if run.grad_checkpointing else "layer activations (no checkpointing)"
+    where = f"{k} x {s_p} prompt + {mb} x {ls} completion positions"
     fwd: Moment = {**base,
         "connector activations": ("activation", conn, f"{k} video(s) with grad") if conn else ("activation", 0, ""),
-        ckpt: ("activation", int(tokens * per_layer * arch.layers + tokens * d * c), f"{mb} x {seq} tokens"),
-        "rotary tables / mask": ("activation", int(shared), ""),
+        ckpt: ("activation", int(per_layer * arch.layers + tokens * d * c), where),
+        "rotary tables / masks": ("activation", int(shared), ""),
         "final norm + hidden states": ("activation", norm_saved + n * d * c, f"{n} completion positions"),
         "log-prob saved + tiles": ("activation", lp_saved + lp_fwd, run.logprob_backend)}
     lp_back = {**fwd, "log-prob saved + tiles": ("activation", lp_saved + lp_bwd + tokens * d * c, "backward")}
     if run.grad_checkpointing:
-        layer = layer_backward_peak(ops, arch, run)
+        layer = tokens * layer_backward_peak(ops, arch, run) + 2 * kv_rows  # + the repeated K/V's gradient
         back: Moment = {**base, "connector activations": fwd["connector activations"],
-            ckpt: ("activation", tokens * d * c * arch.layers, f"{mb} x {seq} tokens"),
-            "rotary tables / mask": fwd["rotary tables / mask"],
-            "checkpointed layer recompute + backward": ("activation", int(tokens * layer), "largest transient")}
+            ckpt: ("activation", tokens * d * c * arch.layers, where),
+            "rotary tables / masks": fwd["rotary tables / masks"],
+            "checkpointed layer recompute + backward": ("activation", int(layer), "largest transient")}
     else:
-        back = {**fwd, "layer backward": ("activation", int(tokens * (ops[-1].backward)), "")}
+        back = {**fwd, "layer backward": ("activation", int(tokens * ops[-1].backward), "")}
     out = {"log-prob forward": fwd, "log-prob backward": lp_back, "layer backward": back}
     if run.train_connector:  # weight-grad buffers of every connector weight fill while its saved tensors drain
         from tinyr1.memory import connector_tensors
@@ -240,10 +249,11 @@ def update_moments(arch: Any, run: Any) -> dict[str, Moment]:
         buffers = (sum(sizes) + 2 * max(sizes)) * c
         out["connector backward"] = {**base, "connector activations": fwd["connector activations"],
             "connector weight-grad buffers": ("activation", buffers, "one per weight, shared by all chunks"),
-            "embedding gradient": ("activation", tokens * d * c, "")}
+            "embedding gradient": ("activation", k * s_p * d * c, "")}
     if run.beta > 0 or run.num_iterations > 1:
         _, ref_fwd, _ = logprob_terms(arch, run, n)
+        layer_nograd = tokens * nograd_layer_peak(arch, run, s_p) + kv_rows
         out["reference forward"] = {**base,
-            "reference forward transient": ("activation", int(2 * tokens * d * c + tokens * nograd_layer_peak(arch, run, seq)
-                                                           + ref_fwd + n * d * c), "no grad, adapters off")}
+            "reference forward transient": ("activation", int(2 * tokens * d * c + layer_nograd + ref_fwd + n * d * c),
+                                            "no grad, adapters off")}
     return out

@@ -11,13 +11,15 @@ reference sampler — which the tests check.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Qwen2ForCausalLM
+import torch.utils.checkpoint
+from transformers import DynamicCache, Qwen2ForCausalLM
 
 from tinyr1.model.tinyllava import TinyLlavaVideo, right_to_left_pad
 
@@ -150,24 +152,128 @@ def completion_hidden(
     video_tokens: Sequence[torch.Tensor],
     completion_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Final hidden states that predict each completion token: [n, L, D].
+    """Final hidden states that predict each completion token, one full row per completion: [n, L, D].
 
-    Row i is `prompt_ids[i]` (video spliced in) followed by `completion_ids[i]`; the state at
-    position p predicts token p + 1, so completion token j is predicted at `P'_i - 1 + j`.
+    The unshared reference path (and the path when no two rows share a prompt). Row i is
+    `prompt_ids[i]` (video spliced in) followed by `completion_ids[i]`; the state at position p
+    predicts token p + 1, so completion token j is predicted at `P'_i - 1 + j`.
     """
     n, length = completion_ids.shape
     rows = [torch.cat([p.to(completion_ids.device), c]) for p, c in zip(prompt_ids, completion_ids)]
     embeds, mask, _ = model.splice(rows, video_tokens)  # [n, S, D]
-    if embeds.shape[1] >= model.cfg.tokenizer_model_max_length:
-        raise ValueError(
-            f"prompt + completion ({embeds.shape[1]} positions) reaches tokenizer_model_max_length "
-            f"({model.cfg.tokenizer_model_max_length}); lower rollout.max_new_tokens or video.num_frames"
-        )
+    _check_length(model, embeds.shape[1])
     hidden = model.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # [n, S, D]
     q = [v.shape[0] for v in video_tokens]
     starts = torch.tensor([p.numel() - 1 + qi - 1 for p, qi in zip(prompt_ids, q)], device=hidden.device)
     index = starts[:, None] + torch.arange(length, device=hidden.device)[None, :]  # [n, L]
     return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [n, L, D]
+
+
+def _check_length(model: TinyLlavaVideo, positions: int) -> None:
+    if positions >= model.cfg.tokenizer_model_max_length:
+        raise ValueError(
+            f"prompt + completion ({positions} positions) reaches tokenizer_model_max_length "
+            f"({model.cfg.tokenizer_model_max_length}); lower rollout.max_new_tokens or video.num_frames"
+        )
+
+
+@contextlib.contextmanager
+def _hf_checkpointing_off(layer: torch.nn.Module) -> Iterator[None]:
+    """HF's checkpointed layers drop a cache passed to them in training mode (5.17: even without
+    grad), so while we call a layer with our prefix cache its flag is off; we checkpoint ourselves.
+    Entered inside the checkpointed function, so the backward replay runs the same way."""
+    on = bool(getattr(layer, "gradient_checkpointing", False))
+    if on:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        if on:
+            layer.gradient_checkpointing = True
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _prefix_then_suffix(
+    layer: torch.nn.Module, hp: torch.Tensor, hs: torch.Tensor, rows: torch.Tensor, config: Any,
+    prefix_kw: dict[str, Any], suffix_kw: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer: the prompts [B_p, S, D], then the completions [n, L', D] against the prompts'
+    K/V repeated to their rows (an index: autograd sums the rows' gradients back into each prompt)."""
+    cache = DynamicCache(config=config)  # fresh per call: a checkpoint replay starts clean
+    with _hf_checkpointing_off(layer):
+        hp = _layer_out(layer(hp, use_cache=True, **prefix_kw, **{_CACHE_KW: cache}))  # [B_p, S, D]
+        cache.batch_select_indices(rows)  # K/V [B_p, kv, S, hd] -> [n, kv, S, hd]
+        hs = _layer_out(layer(hs, use_cache=True, **suffix_kw, **{_CACHE_KW: cache}))  # [n, L', D]
+    return hp, hs
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [.., q, k] -> additive [.., 1, q, k] (0 / dtype min): valid for both eager and SDPA attention."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def shared_prefix_hidden(
+    model: TinyLlavaVideo,
+    prompt_ids: Sequence[torch.Tensor],
+    video_tokens: Sequence[torch.Tensor | None],
+    completion_ids: torch.Tensor,
+    row_prompt: torch.Tensor,
+) -> torch.Tensor:
+    """Final hidden states that predict each completion token [n, L, D], each prompt run ONCE.
+
+    `prompt_ids`/`video_tokens` hold the B_p distinct prompts, `row_prompt` [n] the prompt of each
+    completion row. Per decoder layer, the left-padded prompts run once (with grad when enabled: LoRA
+    and the connector's video tokens see the prompt too), their K/V are repeated to the rows, and
+    the completions run against them. The state predicting token 0 is the prompt's last position;
+    token j >= 1 is predicted by completion position j - 1. Layers that HF would checkpoint are
+    checkpointed here (prefix + suffix together), so memory follows `gradient_checkpointing`.
+    """
+    llm = model.llm
+    n, length = completion_ids.shape
+    embeds, mask, _ = model.splice(prompt_ids, video_tokens)  # [B_p, S, D], [B_p, S]
+    embeds, mask = right_to_left_pad(embeds, mask)
+    _check_length(model, embeds.shape[1] + length)
+    rows = row_prompt.to(embeds.device)
+    suffix_ids = completion_ids[:, : max(length - 1, 1)]  # the last token predicts nothing we need
+    hs = model.embed_tokens()(suffix_ids)  # [n, L', D]
+    s, ls = embeds.shape[1], hs.shape[1]
+    pos_p = (mask.cumsum(-1) - 1).clamp(min=0)  # [B_p, S]
+    pos_s = mask.sum(-1)[rows][:, None] + torch.arange(ls, device=hs.device)  # [n, L']
+    valid = mask.bool()  # [B_p, S]
+    causal_p = torch.ones(s, s, dtype=torch.bool, device=hs.device).tril()  # [S, S]
+    causal_s = torch.ones(ls, ls, dtype=torch.bool, device=hs.device).tril()  # [L', L']
+    allowed_s = torch.cat([valid[rows][:, None, :].expand(n, ls, s), causal_s.expand(n, ls, ls)], -1)  # [n, L', S+L']
+    prefix_kw = {"attention_mask": _additive_mask(causal_p & valid[:, None, :], embeds.dtype),  # [B_p, 1, S, S]
+                 "position_embeddings": llm.model.rotary_emb(embeds, pos_p), "position_ids": pos_p}
+    suffix_kw = {"attention_mask": _additive_mask(allowed_s, hs.dtype),  # [n, 1, L', S+L']
+                 "position_embeddings": llm.model.rotary_emb(hs, pos_s), "position_ids": pos_s}
+    hp = embeds
+    layers = list(llm.model.layers[: llm.config.num_hidden_layers])
+    for layer in layers:
+        args = (layer, hp, hs, rows, llm.config, prefix_kw, suffix_kw)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            hp, hs = torch.utils.checkpoint.checkpoint(_prefix_then_suffix, *args, use_reentrant=False)
+        else:
+            hp, hs = _prefix_then_suffix(*args)
+    first = hp[:, -1:][rows]  # [n, 1, D] the prompt's last position predicts token 0
+    return llm.model.norm(torch.cat([first, hs[:, : length - 1]], dim=1))  # [n, L, D]
+
+
+def _prompt_groups(
+    prompt_ids: Sequence[torch.Tensor], video_tokens: Sequence[torch.Tensor | None]
+) -> tuple[list[int], torch.Tensor]:
+    """Rows whose prompt and video tensors are the same objects share a prompt: (first row of each
+    distinct prompt, [n] index of each row's prompt among them)."""
+    first: dict[tuple[int, int], int] = {}
+    index = [first.setdefault((id(p), id(v)), len(first)) for p, v in zip(prompt_ids, video_tokens)]
+    firsts = [0] * len(first)
+    for row, k in reversed(list(enumerate(index))):
+        firsts[k] = row
+    return firsts, torch.tensor(index, dtype=torch.long)
 
 
 def completion_logprobs(
@@ -179,11 +285,24 @@ def completion_logprobs(
     temperature: float,
     backend: str = "auto",
     with_entropy: bool = False,
+    share_prefix: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log p of the completions [n, L] (and entropies), never building [n*L, V] logits."""
+    """Per-token log p of the completions [n, L] (and entropies), never building [n*L, V] logits.
+
+    Rows whose prompt and video tensors are the same objects (a group's G completions) run the
+    prompt once (`shared_prefix_hidden`). `share_prefix`: None = whenever two rows share a prompt;
+    False = one full row per completion (the reference path the tests compare against).
+    """
     from tinyr1.kernels import token_logprobs
 
-    hidden = completion_hidden(model, prompt_ids, video_tokens, completion_ids)  # [n, L, D]
+    firsts, row_prompt = _prompt_groups(prompt_ids, video_tokens)
+    if share_prefix is None:
+        share_prefix = len(firsts) < len(prompt_ids)
+    if share_prefix:
+        hidden = shared_prefix_hidden(model, [prompt_ids[r] for r in firsts], [video_tokens[r] for r in firsts],
+                                      completion_ids, row_prompt)  # [n, L, D]
+    else:
+        hidden = completion_hidden(model, prompt_ids, video_tokens, completion_ids)  # [n, L, D]
     n, length, d = hidden.shape
     weight = model.llm.get_output_embeddings().weight  # [V, D], frozen
     logp, ent = token_logprobs(
