@@ -2,12 +2,15 @@
 
 Generation and updates share one device: the rollout runs in eval mode with the KV cache (prompt
 prefilled once per prompt, shared by its G completions), the update in train mode with gradient
-checkpointing and the chunked/fused log-prob (no [tokens x vocab] logits). The reference policy
+checkpointing and the chunked/fused log-prob (no [tokens x vocab] logits). The update shares the
+prompt too: each micro-batch runs each of its prompts once (with grad: LoRA and the connector see
+it) and that prompt's completions against its K/V. The reference policy
 is the same model with the LoRA adapters switched off; with beta = 0 it never runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -99,9 +102,15 @@ def rollout_step(ctx: Ctx, batch: list[tuple[Any, torch.Tensor]]) -> tuple[Rollo
 
 
 def _rows_logprobs(
-    ctx: Ctx, ro: Rollout, feats: list[torch.Tensor], rows: torch.Tensor, *, grad: bool, entropy: bool
+    ctx: Ctx, ro: Rollout, feats: list[torch.Tensor], rows: torch.Tensor, *, grad: bool, entropy: bool,
+    share_prefix: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [n, L] of completions `rows`; the connector re-runs with grad when it trains."""
+    """Log-probs [n, L] of completions `rows`; the connector re-runs with grad when it trains.
+
+    Rows of one prompt get the same prompt and video tensor objects, so `completion_logprobs` runs
+    each prompt of the micro-batch once and its rows against it (`share_prefix=False`: one full row
+    per completion, the reference path).
+    """
     model = ctx.model
     pidx = ro.prompt_index[rows.cpu()].tolist()
     if grad and ctx.cfg.model.train_connector:
@@ -114,40 +123,47 @@ def _rows_logprobs(
         return completion_logprobs(
             model, [ro.prompt_ids[p] for p in pidx], vts, ro.completion_ids[rows],
             temperature=ctx.cfg.rollout.temperature, backend=ctx.backend, with_entropy=entropy,
+            share_prefix=share_prefix,
         )
 
 
-def _no_grad_logprobs(ctx: Ctx, ro: Rollout, feats: list[torch.Tensor], reference: bool) -> torch.Tensor:
+def _no_grad_logprobs(
+    ctx: Ctx, ro: Rollout, feats: list[torch.Tensor], reference: bool, share_prefix: bool | None = None
+) -> torch.Tensor:
     """Old-policy or reference (adapters off) log-probs for all rows, micro-batched, no grad."""
     n = ro.completion_ids.shape[0]
     out = []
     for start in range(0, n, ctx.cfg.train.micro_batch_size):
         rows = torch.arange(start, min(start + ctx.cfg.train.micro_batch_size, n))
-        if reference:
-            with adapters_disabled(ctx.model):
-                out.append(_rows_logprobs(ctx, ro, feats, rows, grad=False, entropy=False)[0])
-        else:
-            out.append(_rows_logprobs(ctx, ro, feats, rows, grad=False, entropy=False)[0])
+        with adapters_disabled(ctx.model) if reference else contextlib.nullcontext():
+            out.append(_rows_logprobs(ctx, ro, feats, rows, grad=False, entropy=False, share_prefix=share_prefix)[0])
     return torch.cat(out)  # [B*G, L]
 
 
-def update_step(ctx: Ctx, ro: Rollout, feats: list[torch.Tensor]) -> dict[str, float]:
-    """num_iterations optimizer steps on one rollout, micro-batched with gradient accumulation."""
+def update_step(
+    ctx: Ctx, ro: Rollout, feats: list[torch.Tensor], share_prefix: bool | None = None
+) -> dict[str, float]:
+    """num_iterations optimizer steps on one rollout, micro-batched with gradient accumulation.
+
+    Each micro-batch runs its prompts once and their completions against them (`share_prefix`
+    False: the unshared reference path, for tests).
+    """
     cfg, model = ctx.cfg, ctx.model
     model.train()
     model.vision_tower.eval()
     n, length = ro.completion_ids.shape
     mask = ro.completion_mask.to(torch.float32)  # [B*G, L]
     total_tokens = max(int(mask.sum().item()), 1)
-    ref = _no_grad_logprobs(ctx, ro, feats, reference=True) if cfg.grpo.beta > 0 else None
-    old = _no_grad_logprobs(ctx, ro, feats, reference=False) if cfg.grpo.num_iterations > 1 else None
+    ref = _no_grad_logprobs(ctx, ro, feats, True, share_prefix) if cfg.grpo.beta > 0 else None
+    old = _no_grad_logprobs(ctx, ro, feats, False, share_prefix) if cfg.grpo.num_iterations > 1 else None
     params = list(trainable_parameters(model).values())
     metrics: dict[str, float] = {}
     for _ in range(cfg.grpo.num_iterations):
         parts = []
         for start in range(0, n, cfg.train.micro_batch_size):
             rows = torch.arange(start, min(start + cfg.train.micro_batch_size, n))
-            logp, ent = _rows_logprobs(ctx, ro, feats, rows, grad=True, entropy=True)  # [n_mb, L]
+            logp, ent = _rows_logprobs(ctx, ro, feats, rows, grad=True, entropy=True,
+                                       share_prefix=share_prefix)  # [n_mb, L] each
             loss, m = policy_loss(
                 logp, ro.advantages[rows], mask[rows],
                 old_logp=old[rows] if old is not None else None,
