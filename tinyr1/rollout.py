@@ -2,7 +2,8 @@
 
 The prompt (system + video tokens + question) of each of the B prompts is prefilled ONCE; its KV
 cache is then repeated to G rows and all B*G completions decode together in one batch. Rows that
-reach EOS are dropped from the cache, so finished completions stop costing work.
+reach EOS are dropped from the cache, so finished completions stop costing work. The update's
+log-probs share the prompt the same way (`shared_prefix_hidden`), with grad where it trains.
 
 Sampling uses inverse-CDF draws from one uniform per row and step (`torch.rand(B*G)` every step,
 whatever rows are still active), so a fixed seed gives the same tokens as an unshared, uncached
