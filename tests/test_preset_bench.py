@@ -67,7 +67,7 @@ def test_generated_tokens_count_stops_at_the_first_eos(tmp_path: Path) -> None:
     from tinyr1.model.writing import write_tiny_checkpoint
 
     cfg = load_config("tiny", ["rollout.prompts_per_step=2", "rollout.num_generations=4", "train.micro_batch_size=8",
-                               "rollout.temperature=0.3"])
+                               "rollout.temperature=0.3", "rollout.top_k=0"])  # full vocabulary: lengths vary
     write_tiny_checkpoint(tmp_path / "m", frames=cfg.video.num_frames, image_size=32)
     cfg = replace(cfg, model=replace(cfg.model, path=str(tmp_path / "m"), synth=False))
     ctx, feeder = build_ctx(cfg, tmp_path / "d", 0, allow_eos=True)

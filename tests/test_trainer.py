@@ -132,7 +132,7 @@ def test_update_dispatches_to_the_configured_kernel(assets: Path, tmp_path: Path
     from tinyr1.kernels import resolve_backend
     from tinyr1.rewards import resolve_rewards
 
-    ckpts = {}
+    ckpts, metrics = {}, {}
     for kernels in ("torch", "triton"):
         cfg = _cfg(assets, tmp_path / kernels, f"model.kernels={kernels}", "train.steps=2", "train.save_every=1",
                    "coldstart.enabled=false")
@@ -150,7 +150,13 @@ def test_update_dispatches_to_the_configured_kernel(assets: Path, tmp_path: Path
         nodes = _graph_nodes(logp)
         want, other = ("_TritonLogprobBackward", "_TorchLogprobBackward")[:: 1 if kernels == "triton" else -1]
         assert want in nodes and other not in nodes, sorted(nodes)
+        metrics[kernels] = _metrics(run)[0]
+    # Same gradients: the step's loss and gradient norm agree to float32 rounding. Weights after one
+    # AdamW step move by about lr * sign(grad), so an element whose gradient is ~0 may differ by up to
+    # lr (3e-4) between backends; everything else agrees far more tightly.
+    assert metrics["torch"]["grad_norm"] == pytest.approx(metrics["triton"]["grad_norm"], rel=1e-4)
+    assert metrics["torch"]["loss"] == pytest.approx(metrics["triton"]["loss"], rel=1e-4, abs=1e-7)
     a, b = ckpts["torch"], ckpts["triton"]
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
