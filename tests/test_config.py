@@ -91,7 +91,7 @@ def test_override_problems_name_the_flag_and_skip_dependent_rules() -> None:
             ],
         )
     lines = str(info.value).splitlines()
-    assert lines[0] == "invalid configuration (presets/24gb.toml + --set), 6 problems:"
+    assert lines[0] == "invalid configuration (preset 24gb + --set), 6 problems:"
     assert set(lines[1:]) == {
         "  - --set oops: expected section.key=value, e.g. --set rollout.num_generations=4",
         "  - --set lorra.r=2: unknown section 'lorra'; did you mean 'lora'? valid sections: "

@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: works in any install
 TOP_LEVEL_KEYS = ("base", "description", "preset")
 
 
@@ -384,7 +384,7 @@ def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Conf
     is_preset = path.parent.resolve() == PRESETS_DIR.resolve() and path.stem == preset_or_path
     name = preset_or_path if is_preset else path.stem if path.name != "config.toml" else path.parent.name
     problems = parse_overrides(overrides or [], data, origins)
-    label = _show_path(path) + (" + --set" if overrides else "")
+    label = (f"preset {name}" if is_preset else _show_path(path)) + (" + --set" if overrides else "")
     return build_config(
         data, origins, default_name=str(data.get("preset", name)), label=label, problems=problems
     )

@@ -9,7 +9,7 @@ from typing import Any
 ORDER = 80
 
 LIST_HELP = """\
-List the presets in presets/ with their key numbers.
+List the presets (tinyr1/presets/*.toml, shipped with the package) with their key numbers.
 
 Columns: G = completions per prompt, frames per video, max new tokens per completion,
 micro-batch = completions per backward pass, LoRA rank.
@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "presets",
         help="list presets / show a preset's resolved configuration",
-        description="Presets are TOML files in presets/ that map one to one onto the config sections.\n\n"
+        description="Presets are TOML files in tinyr1/presets/ that map one to one onto the config sections.\n\n"
         "Examples:\n  tinyr1 presets list\n  tinyr1 presets show 24gb",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
