@@ -160,3 +160,43 @@ def test_update_dispatches_to_the_configured_kernel(assets: Path, tmp_path: Path
     assert a.keys() == b.keys() and any("lora_A" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("save_every", [2, 0])
+def test_signal_during_an_evaluation_keeps_the_step(assets: Path, tmp_path: Path, save_every: int) -> None:
+    """SIGTERM while a periodic evaluation runs: the loop stops after it with the step checkpointed
+    (a scheduled save happens before the evaluation, so even a kill during it loses nothing)."""
+    import os
+    import signal
+
+    from tinyr1 import session
+    from tinyr1.checkpoint import TrainState
+    from tinyr1.feed import SampleFeeder
+    from tinyr1.log import RunLogger
+    from tinyr1.rewards import resolve_rewards
+    from tinyr1.trainer import Ctx, grpo_loop
+
+    cfg = _cfg(assets, tmp_path / "run", f"data.eval={assets / 'data' / 'eval.jsonl'}", "train.eval_every=2",
+               f"train.save_every={save_every}", "train.steps=6")
+    model, tok = session.build_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = session.make_optimizer(cfg, params, cfg.train.lr, model.device)
+    ctx = Ctx(cfg, model, tok, opt, session.make_scheduler(cfg, opt, 6), torch.Generator().manual_seed(0),
+              resolve_rewards(cfg.rewards.weights), "torch")
+    feeder = SampleFeeder(session.load_split(cfg, cfg.data.train), session.frames_loader(cfg, 32), seed=0,
+                          max_bad_fraction=0.05)
+    evaluated: list[int] = []
+
+    def evaluate_and_get_killed(step: int) -> None:
+        if save_every:
+            assert latest_checkpoint(tmp_path / "run").name == f"step-{step:06d}"  # saved before evaluating
+        evaluated.append(step)
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the loop's StopFlag
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with RunLogger(tmp_path / "run", 6, completions_every=0, num_completions=0, enabled_progress=False) as logger:
+        state = grpo_loop(ctx, tmp_path / "run", TrainState(coldstart_done=True), feeder, 6, logger,
+                          evaluate_and_get_killed)
+    assert evaluated == [2] and state.step == 2
+    assert latest_checkpoint(tmp_path / "run").name == "step-000002"
+    assert signal.getsignal(signal.SIGTERM) == handler  # the loop's handler is gone again
