@@ -369,11 +369,14 @@ def plot_run(run_dir: Path | str, out_png: Path | str | None = None) -> Path:
     acc_key = next((k for k in ACCURACY_KEYS if k in keys), None)
     ax = axes[0, 1]
     drawn = _draw(ax, rows, [acc_key], "accuracy") if acc_key else False
-    eval_steps, eval_acc = _series(evals, "accuracy")
-    if eval_steps:
-        ax.plot([s + 1 for s in eval_steps], eval_acc, "s--", color="black", label="eval accuracy")
-        ax.set_title("accuracy")
-        drawn = True
+    # eval rows count GRPO steps done (0 = after the cold start), like the metric x axis (step + 1)
+    for key, style, label in (("accuracy", "s--", "eval accuracy (greedy)"),
+                              ("sampled_accuracy", "o:", "eval accuracy (sampled)")):
+        eval_steps, eval_acc = _series(evals, key)
+        if eval_steps:
+            ax.plot(eval_steps, eval_acc, style, color="black", label=label)
+            ax.set_title("accuracy")
+            drawn = True
     if drawn:
         ax.legend(fontsize=7)
     else:

@@ -101,7 +101,7 @@ def handler(args: argparse.Namespace) -> int:
         parts = ", ".join(
             f"{k} {_fmt(float(v))}" for k, v in ev.items() if k != "step" and isinstance(v, int | float)
         )
-        console.print(f"eval at step {ev['step'] + 1}: {parts}")
+        console.print(f"eval after {ev['step']} GRPO steps: {parts}")
     out = plot_run(args.run_dir, args.out)
     console.print(f"curves: {out}")
     return 0
