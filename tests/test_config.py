@@ -271,3 +271,18 @@ def test_cli_list_and_show(
     assert load_config(str(tmp_path / "x.toml")) == load_config("16gb")
     assert main(["presets", "show", "16gb", "--set", "lora.rank=3"]) == 2
     assert "did you mean 'r'?" in capsys.readouterr().err
+
+
+def test_threads_option_sets_torch_threads() -> None:
+    import torch
+
+    from tinyr1.cli import build_parser
+    from tinyr1.cli._args import apply_threads
+
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--threads", "1"])
+    old = torch.get_num_threads()
+    try:
+        apply_threads(args.threads)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

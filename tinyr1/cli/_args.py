@@ -1,4 +1,4 @@
-"""Arguments shared by the inference commands (`eval`, `generate`), spelled once."""
+"""Arguments shared by several commands (`eval`, `generate`, `train`, `bench`), spelled once."""
 
 from __future__ import annotations
 
@@ -26,3 +26,16 @@ def add_loading_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="none", choices=["none", "nf4"], help="load the LLM in 4-bit (GPU memory)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads: torch's CPU threads (a 2-thread process can stall behind other work on 2 cores)."""
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's, one per core); 1 avoids stalls on a busy machine")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(threads, 1))

@@ -12,6 +12,8 @@ import os
 import platform
 from typing import Any
 
+from tinyr1.cli._args import add_threads_arg, apply_threads
+
 ORDER = 90
 
 BENCH_HELP = """\
@@ -90,8 +92,7 @@ def _add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, as in train (repeatable; applied after the reduction)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: the preset's")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
+    add_threads_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, videos and sampling (default 0)")
     parser.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: run to max_new_tokens)")
     parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
@@ -130,10 +131,7 @@ def _bench_root(args: argparse.Namespace) -> int:
     from tinyr1.preset_bench import print_result, run_preset_bench
 
     console = Console()
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(args.threads, 1))
+    apply_threads(args.threads)
     knobs = {k: getattr(args, k) for k in ("layers", "hidden", "vision_layers", "vision_hidden", "vocab")}
     bad = [f"--{k.replace('_', '-')}" for k, v in knobs.items() if v is not None and v < 1]
     if bad:
