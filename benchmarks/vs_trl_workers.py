@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -74,10 +73,6 @@ def rss_now() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(MARK + json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -120,32 +115,7 @@ class StepMeter:
         return int(peak)
 
 
-def resident_bytes(model: Any, optimizer: Any) -> int:
-    """Parameters, buffers (4-bit state included) and optimizer state alive between steps."""
-    import torch
-
-    from tinyr1.memory_measure import module_bytes, tensor_bytes
-
-    states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return module_bytes(model) + tensor_bytes(states)
-
-
 # ---- tinyr1 worker ---------------------------------------------------------------------------
-class NeverEos:
-    """The tokenizer with an EOS id no token has: every completion runs to max_new_tokens."""
-
-    eos_token_id = -1
-
-    def __init__(self, tok: Any) -> None:
-        self._tok = tok
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tok, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._tok(*args, **kwargs)
-
-
 def tinyr1_config(spec: Spec) -> Any:
     from dataclasses import replace
 
@@ -170,7 +140,10 @@ def run_tinyr1(spec: Spec) -> None:
 
     from tinyr1.data import Sample
     from tinyr1.kernels import resolve_backend
+    from tinyr1.log import peak_memory_bytes
+    from tinyr1.memory_measure import resident_bytes
     from tinyr1.model.loading import trainable_parameters
+    from tinyr1.preset_bench import NeverEosTokenizer
     from tinyr1.session import build_model, make_optimizer, make_scheduler
     from tinyr1.trainer import Ctx, rollout_step, update_step
 
@@ -179,7 +152,7 @@ def run_tinyr1(spec: Spec) -> None:
     model, tok = build_model(cfg)
     params = list(trainable_parameters(model).values())
     opt = make_optimizer(cfg, params, cfg.train.lr, model.device)
-    ctx = Ctx(cfg, model, NeverEos(tok), opt, make_scheduler(cfg, opt, spec.steps), torch.Generator().manual_seed(spec.seed),
+    ctx = Ctx(cfg, model, NeverEosTokenizer(tok), opt, make_scheduler(cfg, opt, spec.steps), torch.Generator().manual_seed(spec.seed),
               [("bench", 1.0, bench_reward)], resolve_backend(cfg.model.kernels, model.device))
     pixels = torch.rand(spec.frames, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))  # [T, 3, S, S]
     batch = [(Sample(id="q0", video=Path("random.mp4"), question=QUESTION, answer="A"), pixels)]
@@ -201,7 +174,7 @@ def run_tinyr1(spec: Spec) -> None:
               "completion_tokens": float(ro.completion_mask.sum(1).float().mean()),
               "prompt_tokens": ro.prompt_ids[0].numel() - 1 + ro.video_tokens[0].shape[0],
               "loss": upd.get("loss", float("nan"))})
-    emit({"done": True, "peak_rss": peak_rss()})
+    emit({"done": True, "peak_rss": peak_memory_bytes("cpu")})
 
 
 # ---- TRL worker ------------------------------------------------------------------------------
@@ -246,6 +219,8 @@ def timed_trainer_class(device: str) -> type:
 def step_callback(spec: Spec) -> Any:
     """Waits for the parent's command before each optimizer step and reports after it."""
     from transformers import TrainerCallback
+
+    from tinyr1.memory_measure import resident_bytes
 
     class StepReport(TrainerCallback):  # type: ignore[misc]
         trainer: Any = None
@@ -294,6 +269,7 @@ def run_trl(spec: Spec) -> None:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig, Qwen2ForCausalLM
 
+    from tinyr1.log import peak_memory_bytes
     from tinyr1.model.loading import LORA_DEFAULT_TARGETS
     from tinyr1.tokenizer import load_tokenizer
 
@@ -316,7 +292,7 @@ def run_trl(spec: Spec) -> None:
         emit({"ready": True, "rss_setup": rss_now()})
         trainer.train()
     wait_command()  # "quit"
-    emit({"done": True, "peak_rss": peak_rss()})
+    emit({"done": True, "peak_rss": peak_memory_bytes("cpu")})
 
 
 def worker_main(argv: list[str]) -> int:

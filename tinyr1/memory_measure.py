@@ -103,6 +103,12 @@ def module_bytes(module: torch.nn.Module) -> int:
     return tensor_bytes(tensors)
 
 
+def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Weights (NF4 state included) + optimizer state: the tensors alive between steps."""
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return module_bytes(model) + tensor_bytes(state)
+
+
 def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
     """absmax / code tensors of a bitsandbytes QuantState, nested state (double quantization) included."""
     out = [v for v in (getattr(state, "absmax", None), getattr(state, "code", None)) if isinstance(v, torch.Tensor)]

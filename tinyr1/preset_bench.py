@@ -28,6 +28,7 @@ import torch
 
 from tinyr1.config import Config
 from tinyr1.memory import Arch, Estimate, RunShape
+from tinyr1.memory_measure import resident_bytes
 
 # Reduced scale (CPU): architecture knobs, and run-shape changes as `--set` strings (the user's
 # own --set values are applied after these, so they win).
@@ -360,14 +361,6 @@ def measured_step(
     return t1 - t0, t2 - t1, tokens, peaks, ro
 
 
-def _resident_bytes(ctx: Any) -> int:
-    """Weights (NF4 state included) + optimizer state: the tensors alive when a step starts."""
-    from tinyr1.memory_measure import module_bytes, tensor_bytes
-
-    state = [v for s in ctx.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return module_bytes(ctx.model) + tensor_bytes(state)
-
-
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM (peak RSS)
@@ -425,7 +418,7 @@ def _measure(ctx: Any, feeder: Any, cfg: Config, arch: Arch, *, steps: int, allo
         method = "torch.cuda.max_memory_allocated per phase, max over the timed steps"
     else:
         say("memory step (live tensor bytes, not timed)")
-        base = _resident_bytes(ctx)
+        base = resident_bytes(ctx.model, ctx.optimizer)
         # On a GPU the decoded frames are host memory and each video is copied to the device (in the
         # compute dtype) only while the tower encodes it. Emulate that: decode before the tracker
         # counts, and hand the frames over in float64 so the tower's `.to(device, dtype)` makes that

@@ -269,11 +269,13 @@ def _prompt_groups(
 ) -> tuple[list[int], torch.Tensor]:
     """Rows whose prompt and video tensors are the same objects share a prompt: (first row of each
     distinct prompt, [n] index of each row's prompt among them)."""
-    first: dict[tuple[int, int], int] = {}
-    index = [first.setdefault((id(p), id(v)), len(first)) for p, v in zip(prompt_ids, video_tokens)]
-    firsts = [0] * len(first)
-    for row, k in reversed(list(enumerate(index))):
-        firsts[k] = row
+    group: dict[tuple[int, int], int] = {}
+    firsts: list[int] = []
+    for row, key in enumerate(zip(map(id, prompt_ids), map(id, video_tokens))):
+        if key not in group:
+            group[key] = len(firsts)
+            firsts.append(row)
+    index = [group[key] for key in zip(map(id, prompt_ids), map(id, video_tokens))]
     return firsts, torch.tensor(index, dtype=torch.long)
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tinyr1.checkpoint import TrainState, save_checkpoint
+from tinyr1.checkpoint import TrainState
 from tinyr1.config import Config, check_trainable, save_config
 from tinyr1.errors import ConfigError
-from tinyr1.trainer import Ctx
+from tinyr1.trainer import Ctx, save_state
 
 
 def prepare_demo_assets(cfg: Config, console: Console) -> None:
@@ -137,7 +137,7 @@ def train(
     scheduler = make_scheduler(cfg, optimizer, steps * cfg.grpo.num_iterations)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     ctx = Ctx(cfg, model, tok, optimizer, scheduler, generator, reward_funcs, resolve_backend(cfg.model.kernels, model.device))
-    console.print(describe_run(ctx, len(params)))
+    console.print(describe_run(ctx))
     state = resume_state(ctx, run_dir) if resume is not None else None
     if resume is not None and state is None:
         console.print(f"{run_dir} has no complete checkpoint yet: starting from the beginning")
@@ -154,8 +154,7 @@ def train(
             state = replace(state, coldstart_done=True)
             if eval_set:
                 evaluate_at(0)
-            save_checkpoint(run_dir, state, model=model, optimizer=optimizer, scheduler=scheduler,
-                            generator=generator, train_connector=cfg.model.train_connector)
+            save_state(ctx, run_dir, state)
         feeder = SampleFeeder(train_set, load, seed=cfg.train.seed, max_bad_fraction=cfg.data.max_bad_fraction,
                               state=state, on_skip=logger.note)
         state = grpo_loop(ctx, run_dir, state, feeder, steps, logger, evaluate_at, stop_after)
@@ -167,10 +166,13 @@ def train(
     return run_dir
 
 
-def describe_run(ctx: Ctx, n_params: int) -> str:
+def describe_run(ctx: Ctx) -> str:
     """One line saying what this run really uses (device, quantization, kernels), before step 1."""
+    from tinyr1.model.loading import trainable_parameters
+
     cfg, model = ctx.cfg, ctx.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = trainable_parameters(model).values()
+    trainable, n_params = sum(p.numel() for p in params), len(params)
     ro = cfg.rollout
     return (f"run: {cfg.preset} on {model.device} · LLM {cfg.model.quant} {cfg.model.dtype} · LoRA r{cfg.lora.r} "
             f"({trainable / 1e6:.2f}M trainable in {n_params} tensors) · {ro.prompts_per_step} prompts x G={ro.num_generations}"

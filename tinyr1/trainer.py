@@ -253,18 +253,19 @@ def grpo_loop(ctx: Ctx, run_dir: Path, state: TrainState, feeder: SampleFeeder, 
             flag.stop = flag.stop or state.step == stop_after
             saved = bool(flag.stop or done or (cfg.train.save_every and state.step % cfg.train.save_every == 0))
             if saved:  # before a periodic evaluation, so a signal or kill during it loses no step
-                _save(ctx, run_dir, state)
+                save_state(ctx, run_dir, state)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and not done and not flag.stop:
                 evaluate_fn(state.step)
                 if flag.stop and not saved:  # the signal came during the evaluation
-                    _save(ctx, run_dir, state)
+                    save_state(ctx, run_dir, state)
             if flag.stop:
                 logger.note(f"stopped by signal after step {state.step}; resume with --resume {run_dir}")
                 break
     return state
 
 
-def _save(ctx: Ctx, run_dir: Path, state: TrainState) -> None:
+def save_state(ctx: Ctx, run_dir: Path, state: TrainState) -> None:
+    """Checkpoint everything `--resume` needs (atomic: temp folder + rename)."""
     save_checkpoint(run_dir, state, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                     generator=ctx.generator, train_connector=ctx.cfg.model.train_connector)
 
