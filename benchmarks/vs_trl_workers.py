@@ -136,24 +136,21 @@ def tinyr1_config(spec: Spec) -> Any:
 
 
 def run_tinyr1(spec: Spec) -> None:
+    import dataclasses
+
     import torch
 
+    from tinyr1.context import build_context
     from tinyr1.data import Sample
-    from tinyr1.kernels import resolve_backend
     from tinyr1.log import peak_memory_bytes
     from tinyr1.memory_measure import resident_bytes
-    from tinyr1.model.loading import trainable_parameters
     from tinyr1.preset_bench import NeverEosTokenizer
-    from tinyr1.session import build_model, make_optimizer, make_scheduler
-    from tinyr1.trainer import Ctx, rollout_step, update_step
+    from tinyr1.trainer import rollout_step, update_step
 
-    cfg = tinyr1_config(spec)
-    torch.manual_seed(spec.seed)
-    model, tok = build_model(cfg)
-    params = list(trainable_parameters(model).values())
-    opt = make_optimizer(cfg, params, cfg.train.lr, model.device)
-    ctx = Ctx(cfg, model, NeverEosTokenizer(tok), opt, make_scheduler(cfg, opt, spec.steps), torch.Generator().manual_seed(spec.seed),
-              [("bench", 1.0, bench_reward)], resolve_backend(cfg.model.kernels, model.device))
+    cfg = tinyr1_config(spec)  # train.seed = spec.seed
+    ctx = build_context(cfg, total_steps=spec.steps)
+    ctx = dataclasses.replace(ctx, tokenizer=NeverEosTokenizer(ctx.tokenizer), reward_funcs=[("bench", 1.0, bench_reward)])
+    model, opt = ctx.model, ctx.optimizer
     pixels = torch.rand(spec.frames, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1))  # [T, 3, S, S]
     batch = [(Sample(id="q0", video=Path("random.mp4"), question=QUESTION, answer="A"), pixels)]
     meter = StepMeter(spec.device)
@@ -163,10 +160,10 @@ def run_tinyr1(spec: Spec) -> None:
         meter.begin(cmd == "memory")
         sync(spec.device)
         t0 = time.perf_counter()
-        ro, feats = rollout_step(ctx, batch)
+        ro = rollout_step(ctx, batch)
         sync(spec.device)
         t1 = time.perf_counter()
-        upd = update_step(ctx, ro, feats)
+        upd = update_step(ctx, ro)
         sync(spec.device)
         t2 = time.perf_counter()
         peak = meter.end()

@@ -170,7 +170,7 @@ def test_naive_resampler_builds_and_uses_all_latents(tmp_path: Path) -> None:
     raw["connector_type"] = "naiveresampler"
     torch.manual_seed(0)
     model = TinyLlavaVideo(TinyLlavaConfig.from_dict(raw), truncate_vision=False)
-    assert model.connector._connector.latents.shape == (raw["num_queries"], raw["hidden_size"])
+    assert model.connector.resampler.latents.shape == (raw["num_queries"], raw["hidden_size"])
     write_checkpoint(tmp_path, model.state_dict(), raw, tokenizer_dir=None, dtype=torch.float32)
     loaded = L.load_tinyllava(tmp_path, load_tokenizer=False, device="cpu").model
     vt = loaded.encode_video(pixels(3, 0))  # [Q, D]

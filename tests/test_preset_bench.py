@@ -14,7 +14,7 @@ from tinyr1.cli import main
 from tinyr1.config import load_config
 from tinyr1.memory import Arch
 from tinyr1.model.tinyllava import TinyLlavaConfig
-from tinyr1.preset_bench import NeverEosTokenizer, build_ctx, measured_step, raw_config_for, reduce_arch
+from tinyr1.preset_bench import NeverEosTokenizer, bench_context, measured_step, raw_config_for, reduce_arch
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
@@ -70,7 +70,7 @@ def test_generated_tokens_count_stops_at_the_first_eos(tmp_path: Path) -> None:
                                "rollout.temperature=0.3", "rollout.top_k=0"])  # full vocabulary: lengths vary
     write_tiny_checkpoint(tmp_path / "m", frames=cfg.video.num_frames, image_size=32)
     cfg = replace(cfg, model=replace(cfg.model, path=str(tmp_path / "m"), synth=False))
-    ctx, feeder = build_ctx(cfg, tmp_path / "d", 0, allow_eos=True)
+    ctx, feeder = bench_context(cfg, tmp_path / "d", 0, allow_eos=True)
     *_, ro = measured_step(ctx, feeder)
     ids = ro.completion_ids.flatten().tolist()
     frequent = max(set(ids), key=ids.count)  # a token the random model samples often: EOS now

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinyr1.logprobs import completion_logprobs
+from tinyr1.loss import completion_mask
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
 from tinyr1.model.writing import tiny_config
-from tinyr1.rollout import completion_logprobs, filter_logits, sample_group, sample_tokens
+from tinyr1.rollout import Rollout, filter_logits, sample_group, sample_tokens
 
 VOCAB, EOS = 14, 3
 
@@ -18,7 +20,7 @@ def model() -> TinyLlavaVideo:
     m = TinyLlavaVideo(TinyLlavaConfig.from_dict(tiny_config(VOCAB, EOS, frames=4)), attn_implementation="eager")
     # A 14-token vocabulary makes EOS likely enough that some rows stop early (finished rows are
     # dropped from the cache) and others run to max_new_tokens.
-    return m.eval()
+    return m.requires_grad_(False).eval()
 
 
 def _prompts(model: TinyLlavaVideo, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -31,6 +33,15 @@ def _prompts(model: TinyLlavaVideo, seed: int) -> tuple[list[torch.Tensor], list
         with torch.no_grad():
             vts.append(model.encode_video(torch.randn(4, 3, 32, 32, generator=g)))
     return ids, vts
+
+
+def _rollout(ids: list[torch.Tensor], vts: list[torch.Tensor], completions: torch.Tensor, group: int) -> Rollout:
+    """Just what `completion_logprobs` reads (no features: the connector does not train here)."""
+    n = completions.shape[0]
+    return Rollout(features=[], video_tokens=vts, prompt_ids=ids, row_prompt=torch.arange(len(ids)).repeat_interleave(group),
+                   completion_ids=completions, completion_mask=completion_mask(completions, EOS),
+                   truncated=torch.zeros(n, dtype=torch.bool), texts=[""] * n, rewards=torch.zeros(n, 1),
+                   reward_total=torch.zeros(n), advantages=torch.zeros(n), reward_stats={})
 
 
 @torch.no_grad()
@@ -58,9 +69,8 @@ def reference_sample(model, prompt_ids, video_tokens, *, group_size, max_new_tok
     return out
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
-def test_prefix_shared_sampling_equals_unshared_reference(model, temperature, top_k, top_p):
-    seed = int(torch.randint(0, 10_000, ()).item())
+@pytest.mark.parametrize("temperature,top_k,top_p,seed", [(1.0, 0, 1.0, 11), (0.7, 20, 0.9, 12)])
+def test_prefix_shared_sampling_equals_unshared_reference(model, temperature, top_k, top_p, seed):
     ids, vts = _prompts(model, seed)
     g, steps = 3, 10
     got, logp = sample_group(model, ids, vts, group_size=g, max_new_tokens=steps, eos_id=EOS,
@@ -85,13 +95,10 @@ def test_prefix_shared_sampling_equals_unshared_reference(model, temperature, to
         lp = logits[start : start + got.shape[1]].log_softmax(-1)
         full.append(lp.gather(1, got[r][:, None])[:, 0])
     full = torch.stack(full)
-    from tinyr1.loss import completion_mask
-
     mask = completion_mask(got, EOS).bool()
     assert torch.allclose(logp[mask], full[mask], atol=1e-4)
     # ... and the chunked update path gives the same numbers
-    chunked, _ = completion_logprobs(model, [ids[r // g] for r in range(got.shape[0])],
-                                     [vts[r // g] for r in range(got.shape[0])], got,
+    chunked, _ = completion_logprobs(model, _rollout(ids, vts, got, g), torch.arange(got.shape[0]),
                                      temperature=temperature, backend="torch")
     assert torch.allclose(chunked[mask], full[mask], atol=1e-4)
 
@@ -103,7 +110,7 @@ def test_chunked_logprob_gradients_match_full_logits(model):
     lora_like = m.llm.model.layers[0].self_attn.q_proj.weight
     lora_like.requires_grad_(True)
     try:
-        lp, _ = completion_logprobs(m, ids, vts, comp, temperature=0.9, backend="torch")
+        lp, _ = completion_logprobs(m, _rollout(ids, vts, comp, 1), torch.arange(3), temperature=0.9, backend="torch")
         (g1,) = torch.autograd.grad(lp.sum(), lora_like)
         full = []
         for r in range(3):
@@ -135,6 +142,7 @@ def test_filter_logits_top_k_top_p_match_definitions():
 
 
 def test_greedy_is_argmax():
+    torch.manual_seed(4)
     logits = torch.randn(5, 11)
     tok, lp = sample_tokens(logits, torch.rand(5), temperature=0.0, top_k=0, top_p=1.0)
     assert torch.equal(tok, logits.argmax(-1))

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from tinyr1.checkpoint import latest_checkpoint
+from tinyr1.checkpoint import TrainState, latest_checkpoint
 from tinyr1.config import load_config
+from tinyr1.context import build_context, frames_loader, load_split
+from tinyr1.feed import SampleFeeder
+from tinyr1.log import RunLogger
+from tinyr1.logprobs import completion_logprobs
 from tinyr1.model.writing import write_tiny_checkpoint
+from tinyr1.rewards import resolve_rewards
+from tinyr1.session import train
 from tinyr1.synth import write_synthetic
+from tinyr1.trainer import grpo_loop, rollout_step, update_step
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +44,24 @@ def _cfg(assets: Path, out: Path, *extra: str):
     ])
 
 
+def _feeder(cfg) -> SampleFeeder:
+    return SampleFeeder(load_split(cfg, cfg.data.train), frames_loader(cfg, 32), seed=0, max_bad_fraction=0.05)
+
+
 def test_grpo_step_on_4bit_changes_only_lora(assets: Path) -> None:
     import bitsandbytes as bnb
 
-    from tinyr1 import session
-    from tinyr1.feed import SampleFeeder
-    from tinyr1.rewards import resolve_rewards
-    from tinyr1.trainer import Ctx, rollout_step, update_step
-
     cfg = _cfg(assets, assets / "unused", "model.quant=nf4", "model.train_connector=false", "train.lr=0.05",
                "train.optimizer=adamw8bit", "grpo.beta=0.1")
-    model, tok = session.build_model(cfg)
+    ctx = replace(build_context(cfg, total_steps=4), reward_funcs=resolve_rewards({"length": 1.0}))  # never a zero-variance group
+    model = ctx.model
     base = model.llm.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(base, bnb.nn.Linear4bit)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = session.make_optimizer(cfg, params, cfg.train.lr, model.device)
-    ctx = Ctx(cfg, model, tok, opt, session.make_scheduler(cfg, opt, 4), torch.Generator().manual_seed(0),
-              resolve_rewards({"length": 1.0}), "torch")  # length reward: never a zero-variance group
-    feeder = SampleFeeder(session.load_split(cfg, cfg.data.train), session.frames_loader(cfg, 32), seed=0,
-                          max_bad_fraction=0.05)
+    feeder = _feeder(cfg)
     for _ in range(2):  # LoRA B starts at 0, so A only moves from the second step on
-        ro, feats = rollout_step(ctx, feeder.next_batch(2))
-        m = update_step(ctx, ro, feats)
+        ro = rollout_step(ctx, feeder.next_batch(2))
+        m = update_step(ctx, ro)
         assert m["skipped"] == 0 and m["grad_norm"] > 0 and "kl" in m
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     lora = {n for n in before if "lora_" in n}
@@ -85,8 +88,6 @@ def _load_dir(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_reproduces_an_uninterrupted_run(assets: Path, tmp_path: Path) -> None:
-    from tinyr1.session import train
-
     straight = train(_cfg(assets, tmp_path / "a", "train.steps=6", "train.save_every=0"))
     cfg_b = _cfg(assets, tmp_path / "b", "train.steps=6", "train.save_every=0")
     train(cfg_b, stop_after=3)
@@ -128,25 +129,19 @@ def test_update_dispatches_to_the_configured_kernel(assets: Path, tmp_path: Path
 
     from rich.console import Console
 
-    from tinyr1 import session, trainer
-    from tinyr1.kernels import resolve_backend
-    from tinyr1.rewards import resolve_rewards
-
     ckpts, metrics = {}, {}
     for kernels in ("torch", "triton"):
         cfg = _cfg(assets, tmp_path / kernels, f"model.kernels={kernels}", "train.steps=2", "train.save_every=1",
                    "coldstart.enabled=false")
         out = StringIO()
-        run = session.train(cfg, console=Console(file=out, width=200), stop_after=1)
+        run = train(cfg, console=Console(file=out, width=200), stop_after=1)
         assert f"log-probs: {kernels} kernel" in out.getvalue()
         ckpts[kernels] = _load_dir(latest_checkpoint(run) / "adapter")
         # the function the update differentiates through, on this run's model and a fresh rollout
-        model, tok = session.build_model(cfg)
-        ctx = trainer.Ctx(cfg, model, tok, None, None, torch.Generator().manual_seed(0),
-                          resolve_rewards(cfg.rewards.weights), resolve_backend(cfg.model.kernels, model.device))
-        batch = [(s, session.frames_loader(cfg, 32)(s)) for s in session.load_split(cfg, cfg.data.train)[:2]]
-        ro, feats = trainer.rollout_step(ctx, batch)
-        logp, _ = trainer._rows_logprobs(ctx, ro, feats, torch.arange(4), grad=True, entropy=False)
+        ctx = build_context(cfg, total_steps=2)
+        batch = [(s, frames_loader(cfg, 32)(s)) for s in load_split(cfg, cfg.data.train)[:2]]
+        ro = rollout_step(ctx, batch)
+        logp, _ = completion_logprobs(ctx.model, ro, torch.arange(4), temperature=1.0, backend=ctx.backend)
         nodes = _graph_nodes(logp)
         want, other = ("_TritonLogprobBackward", "_TorchLogprobBackward")[:: 1 if kernels == "triton" else -1]
         assert want in nodes and other not in nodes, sorted(nodes)
@@ -169,22 +164,10 @@ def test_signal_during_an_evaluation_keeps_the_step(assets: Path, tmp_path: Path
     import os
     import signal
 
-    from tinyr1 import session
-    from tinyr1.checkpoint import TrainState
-    from tinyr1.feed import SampleFeeder
-    from tinyr1.log import RunLogger
-    from tinyr1.rewards import resolve_rewards
-    from tinyr1.trainer import Ctx, grpo_loop
-
     cfg = _cfg(assets, tmp_path / "run", f"data.eval={assets / 'data' / 'eval.jsonl'}", "train.eval_every=2",
                f"train.save_every={save_every}", "train.steps=6")
-    model, tok = session.build_model(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = session.make_optimizer(cfg, params, cfg.train.lr, model.device)
-    ctx = Ctx(cfg, model, tok, opt, session.make_scheduler(cfg, opt, 6), torch.Generator().manual_seed(0),
-              resolve_rewards(cfg.rewards.weights), "torch")
-    feeder = SampleFeeder(session.load_split(cfg, cfg.data.train), session.frames_loader(cfg, 32), seed=0,
-                          max_bad_fraction=0.05)
+    ctx = build_context(cfg, total_steps=6)
+    feeder = _feeder(cfg)
     evaluated: list[int] = []
 
     def evaluate_and_get_killed(step: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from tinyr1.errors import CheckpointError
 from tinyr1.model.tinyllava import TinyLlavaVideo
@@ -41,12 +42,10 @@ class TrainState:
 
 def save_adapter(model: TinyLlavaVideo, out_dir: Path, *, train_connector: bool) -> None:
     """PEFT adapter folder (+ connector weights when trained): what `eval`/`merge` take."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     model.language_model.save_pretrained(str(out_dir))
     if train_connector:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.connector._connector.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in model.connector.resampler.state_dict().items()}
         save_file(state, str(out_dir / CONNECTOR_FILE))
 
 
@@ -118,7 +117,6 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG and the loop position from `ckpt`."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     adir = ckpt / ADAPTER
     weights = adir / "adapter_model.safetensors"
@@ -126,7 +124,7 @@ def load_checkpoint(
         raise CheckpointError(f"{ckpt} has no {ADAPTER}/adapter_model.safetensors; it cannot be resumed")
     set_peft_model_state_dict(model.language_model, load_file(str(weights)))
     if (adir / CONNECTOR_FILE).is_file():
-        model.connector._connector.load_state_dict(load_file(str(adir / CONNECTOR_FILE)))
+        model.connector.resampler.load_state_dict(load_file(str(adir / CONNECTOR_FILE)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)

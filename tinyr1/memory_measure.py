@@ -6,7 +6,7 @@ when the storage dies. It sees everything autograd saves and every temporary an 
 device, but not scratch memory private to one kernel (a GEMM's packing buffers), the CUDA caching
 allocator's rounding and fragmentation, or tensors created before the mode was entered (weights:
 count those with `tensor_bytes`). That is exactly the "live tensor bytes" the planner models, so
-the two can be compared on the CPU (tests/test_memory.py).
+the two can be compared on the CPU (`measure_phases`, tests/test_memory.py, `tinyr1 bench`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from typing import Any, TypeVar
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from tinyr1.context import Context
+from tinyr1.rollout import Rollout
+from tinyr1.trainer import Batch, rollout_step, update_step
 
 T = TypeVar("T")
 
@@ -118,53 +122,16 @@ def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
     return out
 
 
-def measure_phases(
-    model: Any,
-    prompt_ids: list[torch.Tensor],
-    pixels: list[torch.Tensor],
-    *,
-    group_size: int,
-    max_new_tokens: int,
-    micro_batch: int,
-) -> tuple[int, int]:
-    """Peak live tensor bytes of (rollout, one update micro-batch), as the trainer runs them.
+def measure_phases(ctx: Context, batch: Batch) -> tuple[int, int, Rollout]:
+    """Peak live tensor bytes of one GRPO step's (rollout, update), run by the trainer's own
+    `rollout_step` and `update_step`: (rollout peak, update peak, the rollout).
 
-    `model` is prepared for training (LoRA, gradient checkpointing). Rollout: encode each video,
-    run the connector without grad, sample G completions per prompt with an EOS that never comes
-    (every row runs to max_new_tokens: the planner's worst case). Update: one micro-batch runs
-    first so gradients exist (as from the second micro-batch on), then the next one is measured:
-    connector with grad, completion log-probs, a policy-gradient loss, backward.
+    Both peaks are above what existed before the step (weights, optimizer state: count those with
+    `resident_bytes`); the update's starts from what the rollout keeps for it (features, tokens).
+    Run one step first so the optimizer state exists, as from the second step of a run on.
     """
-    from tinyr1.rollout import completion_logprobs, sample_group
-
-    model.eval()
-    conn_dtype = model.connector._connector.linear.weight.dtype
-
-    def rollout() -> tuple[list[torch.Tensor], torch.Tensor]:
-        feats = [model.vision_features(p) for p in pixels]  # B x [1, T*P', Dv]
-        with torch.no_grad():
-            vts = [model.connector(f.to(conn_dtype))[0] for f in feats]  # B x [Q, D]
-        ids, _ = sample_group(model, prompt_ids, vts, group_size=group_size, max_new_tokens=max_new_tokens,
-                              eos_id=-1, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
-        return feats, ids  # ids [B*G, L]
-
-    rollout_peak, (feats, ids), _ = measure_peak(rollout)
-    model.train()
-    model.vision_tower.eval()
-
-    def logprobs(rows: torch.Tensor) -> torch.Tensor:
-        pidx = [int(r) // group_size for r in rows]
-        vts = {p: model.connector(feats[p].to(conn_dtype))[0] for p in set(pidx)}
-        logp, _ = completion_logprobs(model, [prompt_ids[p] for p in pidx], [vts[p] for p in pidx], ids[rows],
-                                      temperature=1.0, backend="torch", with_entropy=True)
-        return logp  # [n, L]
-
-    def step(rows: torch.Tensor) -> None:
-        logp = logprobs(rows)
-        (-(torch.exp(logp - logp.detach())).mean()).backward()
-
-    n = ids.shape[0]
-    step(torch.arange(0, min(micro_batch, n)))
-    second = torch.arange(micro_batch, 2 * micro_batch) if 2 * micro_batch <= n else torch.arange(0, min(micro_batch, n))
-    update_peak, _, _ = measure_peak(lambda: step(second))
-    return rollout_peak, update_peak
+    with LiveTensorBytes() as live:
+        ro = rollout_step(ctx, batch)
+        rollout_peak, live.peak = live.peak, live.current
+        update_step(ctx, ro)
+    return rollout_peak, live.peak, ro

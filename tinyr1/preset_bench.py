@@ -15,6 +15,7 @@ shapes (apples to apples) and the full-size estimate is shown for reference.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -25,10 +26,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from tinyr1.config import Config
-from tinyr1.memory import Arch, Estimate, RunShape
-from tinyr1.memory_measure import resident_bytes
+from tinyr1.config import apply_overrides, load_config
+from tinyr1.context import Context, build_context, frames_loader, load_split
+from tinyr1.errors import ConfigError, DeviceError
+from tinyr1.feed import SampleFeeder
+from tinyr1.log import peak_memory_bytes
+from tinyr1.loss import completion_mask
+from tinyr1.memory import Estimate, arch_for_config, estimate, need_bytes
+from tinyr1.memory import Arch, RunShape
+from tinyr1.memory_measure import measure_phases, resident_bytes
+from tinyr1.model.loading import resolve_device
+from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+from tinyr1.model.writing import DTYPE_NAMES, tiny_config, write_checkpoint
+from tinyr1.rollout import Rollout
+from tinyr1.synth import write_synthetic
+from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
+from tinyr1.trainer import Batch, rollout_step, update_step
 
 # Reduced scale (CPU): architecture knobs, and run-shape changes as `--set` strings (the user's
 # own --set values are applied after these, so they win).
@@ -76,7 +92,6 @@ def reduce_arch(arch: Arch, **knobs: int | None) -> Arch:
 def raw_config_for(arch: Arch, eos_id: int, *, frames: int, demo: bool) -> dict[str, Any]:
     """config.json (original layout) of `arch`: the tiny writer's config with the architecture laid
     over it. `demo` keeps the tiny demo's wide init and short context; otherwise Qwen2.5's."""
-    from tinyr1.model.writing import tiny_config
 
     raw = tiny_config(arch.vocab, eos_id, image_size=arch.image_size, frames=frames)
     raw.update(
@@ -103,8 +118,6 @@ def raw_config_for(arch: Arch, eos_id: int, *, frames: int, demo: bool) -> dict[
 
 def tiny_arch(frames: int, image_size: int, vocab: int) -> Arch:
     """The architecture `tinyr1 train --preset tiny` creates (model.synth)."""
-    from tinyr1.model.tinyllava import TinyLlavaConfig
-    from tinyr1.model.writing import tiny_config
 
     return Arch.from_tinyllava(TinyLlavaConfig.from_dict(tiny_config(vocab, 0, image_size=image_size, frames=frames)))
 
@@ -112,10 +125,7 @@ def tiny_arch(frames: int, image_size: int, vocab: int) -> Arch:
 def write_random_checkpoint(out: Path, raw: dict[str, Any], *, seed: int, dtype: torch.dtype) -> Path:
     """Random weights for `raw` in the original layout + the offline tiny tokenizer; reused when
     `out` already holds a checkpoint with the same config (the GPU script benches four presets)."""
-    import json
 
-    from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
-    from tinyr1.model.writing import DTYPE_NAMES, write_checkpoint
 
     cfg_file = out / "config.json"
     if cfg_file.is_file() and json.loads(cfg_file.read_text()) == dict(raw, torch_dtype=DTYPE_NAMES[dtype]):
@@ -189,7 +199,6 @@ class BenchResult:
 
 
 def _estimate_dict(est: Estimate, run: RunShape) -> dict[str, Any]:
-    from tinyr1.memory import need_bytes
 
     return {"rollout": est.phase_total("rollout"), "update": est.phase_total("update"), "step": est.allocated_peak,
             "rollout_moment": est.rollout_moment, "update_moment": est.update_moment, "need": need_bytes(est),
@@ -206,14 +215,11 @@ def _machine(device: torch.device) -> str:
 def bench_config(preset: str, overrides: list[str], *, scale: str, device: str) -> tuple[Config, Config, bool]:
     """(the preset as written, the config that runs, reduced?) — reduced scale applies REDUCED_RUN
     (never raising a value) before the user's --set values."""
-    from tinyr1.config import apply_overrides, load_config
-    from tinyr1.errors import ConfigError
 
     if scale not in ("auto", "full", "reduced"):
         raise ConfigError(f"--scale must be auto, full or reduced, got {scale!r}")
     full = load_config(preset, overrides)
     dev = device if device != "auto" else full.model.device
-    from tinyr1.model.loading import resolve_device
 
     dev_type = resolve_device(dev).type
     reduced = scale == "reduced" or (scale == "auto" and dev_type == "cpu" and not full.model.synth)
@@ -230,7 +236,6 @@ def bench_config(preset: str, overrides: list[str], *, scale: str, device: str) 
 
 
 def _arch_of(cfg: Config, vocab: int) -> Arch:
-    from tinyr1.memory import arch_for_config
 
     if cfg.model.synth:
         return tiny_arch(cfg.video.num_frames, cfg.video.image_size or 32, vocab)
@@ -251,8 +256,6 @@ def run_preset_bench(
     on_status: Any = None,
 ) -> BenchResult:
     """Build, run 1 warm-up + `steps` timed GRPO steps, measure; see the module docstring."""
-    from tinyr1.errors import ConfigError
-    from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
@@ -285,34 +288,21 @@ def run_preset_bench(
             parts.append(", ".join(f"{k}={getattr(getattr(cfg, k.split('.')[0]), k.split('.')[1])}" for k in REDUCED_RUN))
         result.scale = "; ".join(p for p in parts if p)
         full_run = RunShape.from_config(full_cfg, result.prompt_tokens if full_cfg.model.synth else 160)
-        from tinyr1.memory import estimate
 
         result.full_estimate = _estimate_dict(estimate(full_arch, full_run), full_run)
     return result
 
 
-def build_ctx(cfg: Config, data_dir: Path, seed: int, allow_eos: bool) -> tuple[Any, Any]:
-    """Ctx (exactly as `train` builds it) and a SampleFeeder over synthetic clips at the run's shapes."""
-    from tinyr1.feed import SampleFeeder
-    from tinyr1.kernels import resolve_backend
-    from tinyr1.model.loading import trainable_parameters
-    from tinyr1.rewards import resolve_rewards
-    from tinyr1.session import build_model, frames_loader, load_split, make_optimizer, make_scheduler
-    from tinyr1.synth import write_synthetic
-    from tinyr1.trainer import Ctx
-
-    torch.manual_seed(seed)
-    model, tok = build_model(cfg)
-    size = cfg.video.image_size or model.cfg.image_size
+def bench_context(cfg: Config, data_dir: Path, seed: int, allow_eos: bool) -> tuple[Context, SampleFeeder]:
+    """The run's Context (built as `train` builds it, seeded with `seed`) and a SampleFeeder over
+    synthetic clips at the run's shapes; without `allow_eos` the EOS never comes (the planner's worst case)."""
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+    ctx = build_context(cfg, total_steps=1000)
+    size = cfg.video.image_size or ctx.model.cfg.image_size
     paths = write_synthetic(data_dir, cfg.rollout.prompts_per_step, seed, frames=cfg.video.num_frames, size=size,
                             eval_n=0, coldstart_n=0)
     cfg = replace(cfg, data=replace(cfg.data, train=str(paths["train"]), video_root=str(data_dir), eval=None))
-    params = list(trainable_parameters(model).values())
-    optimizer = make_optimizer(cfg, params, cfg.train.lr, model.device)
-    scheduler = make_scheduler(cfg, optimizer, 1000)
-    ctx = Ctx(cfg, model, tok if allow_eos else NeverEosTokenizer(tok), optimizer, scheduler,
-              torch.Generator().manual_seed(seed), resolve_rewards(cfg.rewards.weights),
-              resolve_backend(cfg.model.kernels, model.device))
+    ctx = replace(ctx, cfg=cfg, tokenizer=ctx.tokenizer if allow_eos else NeverEosTokenizer(ctx.tokenizer))
     feeder = SampleFeeder(load_split(cfg, cfg.data.train), frames_loader(cfg, size), seed=seed,
                           max_bad_fraction=cfg.data.max_bad_fraction)
     return ctx, feeder
@@ -333,32 +323,29 @@ def _peak_cuda(device: torch.device, reset: bool) -> int:
     return peak
 
 
-def measured_step(
-    ctx: Any, feeder: Any, live: Any = None, batch: list[tuple[Any, torch.Tensor]] | None = None
-) -> tuple[float, float, int, dict[str, int], Any]:
-    """One GRPO step as `grpo_loop` runs it: (rollout s, update s, new tokens, peaks, rollout).
+def measured_step(ctx: Context, feeder: SampleFeeder) -> tuple[float, float, int, dict[str, int], Rollout]:
+    """One GRPO step as `grpo_loop` runs it: (rollout s, update s, new tokens, CUDA peaks, rollout).
 
-    The rollout time includes decoding the videos (as train's time/rollout) unless `batch` is given.
-    Peaks: CUDA max_memory_allocated per phase; with a LiveTensorBytes tracker, its per-phase peak."""
-    from tinyr1.loss import completion_mask
-    from tinyr1.trainer import rollout_step, update_step
-
+    The rollout time includes decoding the videos (as train's time/rollout). Peaks: CUDA
+    max_memory_allocated per phase (0 on the CPU: see `measure_phases`)."""
     dev = ctx.model.device
     _peak_cuda(dev, reset=True)
     t0 = time.perf_counter()
-    batch = batch if batch is not None else feeder.next_batch(ctx.cfg.rollout.prompts_per_step)
-    ro, feats = rollout_step(ctx, batch)
+    batch = feeder.next_batch(ctx.cfg.rollout.prompts_per_step)
+    ro = rollout_step(ctx, batch)
     _sync(dev)
     t1 = time.perf_counter()
     peaks = {"rollout": _peak_cuda(dev, reset=True)}
-    if live is not None:
-        peaks["rollout"], live.peak = live.peak, live.current  # the update's peak starts from what is kept
-    update_step(ctx, ro, feats)
+    update_step(ctx, ro)
     _sync(dev)
     t2 = time.perf_counter()
-    peaks["update"] = live.peak if live is not None else _peak_cuda(dev, reset=False)
-    tokens = int(completion_mask(ro.completion_ids, ctx.tokenizer.eos_token_id).sum())
-    return t1 - t0, t2 - t1, tokens, peaks, ro
+    peaks["update"] = _peak_cuda(dev, reset=False)
+    return t1 - t0, t2 - t1, new_tokens(ctx, ro), peaks, ro
+
+
+def new_tokens(ctx: Context, ro: Rollout) -> int:
+    """Tokens generated in a rollout, up to and including each row's first EOS."""
+    return int(completion_mask(ro.completion_ids, ctx.tokenizer.eos_token_id).sum())
 
 
 def _reset_peak_rss() -> bool:
@@ -376,20 +363,16 @@ def _peak_rss() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    from tinyr1.log import peak_memory_bytes
 
     return peak_memory_bytes("cpu")
 
 
 def _run(cfg: Config, arch: Arch, tmp: Path, *, steps: int, seed: int, allow_eos: bool, say: Any) -> BenchResult:
-    from tinyr1.memory import estimate
 
-    ctx, feeder = build_ctx(cfg, tmp / "data", seed, allow_eos)
+    ctx, feeder = bench_context(cfg, tmp / "data", seed, allow_eos)
     try:
         return _measure(ctx, feeder, cfg, arch, steps=steps, allow_eos=allow_eos, say=say)
     except torch.cuda.OutOfMemoryError as err:
-        from tinyr1.errors import DeviceError
-        from tinyr1.memory import need_bytes
 
         need = need_bytes(estimate(arch, RunShape.from_config(cfg)))
         raise DeviceError(f"out of GPU memory during the bench of '{cfg.preset}' ({err}); the planner estimated "
@@ -397,9 +380,7 @@ def _run(cfg: Config, arch: Arch, tmp: Path, *, steps: int, seed: int, allow_eos
                           "settings and pass them with --set.") from None
 
 
-def _measure(ctx: Any, feeder: Any, cfg: Config, arch: Arch, *, steps: int, allow_eos: bool, say: Any) -> BenchResult:
-    from tinyr1.memory import estimate
-    from tinyr1.memory_measure import LiveTensorBytes
+def _measure(ctx: Context, feeder: SampleFeeder, cfg: Config, arch: Arch, *, steps: int, allow_eos: bool, say: Any) -> BenchResult:
 
     dev = ctx.model.device
     say("warm-up step (not timed)")
@@ -423,11 +404,10 @@ def _measure(ctx: Any, feeder: Any, cfg: Config, arch: Arch, *, steps: int, allo
         # compute dtype) only while the tower encodes it. Emulate that: decode before the tracker
         # counts, and hand the frames over in float64 so the tower's `.to(device, dtype)` makes that
         # per-video copy here too (on the CPU in fp32 it would otherwise read them in place).
-        batch = [(sample, frames.double()) for sample, frames in feeder.next_batch(cfg.rollout.prompts_per_step)]
-        with LiveTensorBytes() as live:
-            _, _, _, p, ro = measured_step(ctx, feeder, live, batch)
+        batch: Batch = [(sample, frames.double()) for sample, frames in feeder.next_batch(cfg.rollout.prompts_per_step)]
+        rollout_peak, update_peak, ro = measure_phases(ctx, batch)
         del batch
-        peaks = {k: base + v for k, v in p.items()}
+        peaks = {"rollout": base + rollout_peak, "update": base + update_peak}
         method = ("live tensor bytes: weights + optimizer state + the peak of a TorchDispatchMode tracker over one "
                   "extra step; decoded frames are held outside it, as host memory on a GPU")
     peaks["step"] = max(peaks["rollout"], peaks["update"])
@@ -454,7 +434,6 @@ def _gib(n: float) -> str:
 
 def print_result(res: BenchResult, console: Any) -> None:
     """The rich table: seconds, tokens/s, measured peak, planner estimate, ratio; then the notes."""
-    from rich.table import Table
 
     s = res.shape
     if res.scale:

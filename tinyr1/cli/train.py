@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from tinyr1.cli._args import add_threads_arg, apply_threads
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from tinyr1.config import Config
 
 ORDER = 10
@@ -69,7 +71,7 @@ def _check_memory(cfg: Config, no_check: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tinyr1.config import load_config, resolve_output_dir
+    from tinyr1.config_io import load_config, resolve_output_dir
     from tinyr1.errors import ConfigError
     from tinyr1.session import train
 
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
         _check_memory(cfg, args.no_check)
+        prepare_demo_assets(cfg, console)
         out = train(cfg, resume=run_dir, console=console)
     else:
         source = args.config or args.preset
@@ -90,6 +93,48 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
         _check_memory(cfg, args.no_check)
+        prepare_demo_assets(cfg, console)
         out = train(cfg, console=console)
+    print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
     console.print(f"run folder: {out}")
     return 0
+
+
+def prepare_demo_assets(cfg: Config, console: Console) -> None:
+    """The tiny demo's inputs, made on first use as `tinyr1 init-tiny` and `tinyr1 data synth` make
+    them: a random checkpoint when `model.synth` is set and `model.path` has none, synthetic clips
+    when `data.synth` is set and `data.train` does not exist yet."""
+    from tinyr1.model.writing import write_tiny_checkpoint
+    from tinyr1.synth import write_synthetic
+
+    size = cfg.video.image_size or 32
+    if cfg.model.synth and not (Path(cfg.model.path) / "config.json").is_file():
+        console.print(f"creating a tiny random TinyLLaVA-Video checkpoint at {cfg.model.path}")
+        write_tiny_checkpoint(cfg.model.path, seed=cfg.data.synth_seed, frames=cfg.video.num_frames, image_size=size)
+    if cfg.data.synth and cfg.data.train and not Path(cfg.data.train).is_file():
+        out = Path(cfg.data.video_root or Path(cfg.data.train).parent)
+        console.print(f"writing {cfg.data.synth_n} synthetic training clips (+{cfg.data.synth_eval_n} held out) to {out}")
+        write_synthetic(out, cfg.data.synth_n, cfg.data.synth_seed, frames=cfg.video.num_frames, size=size,
+                        eval_n=cfg.data.synth_eval_n)
+
+
+def print_eval_summary(run_dir: Path, samples: int, console: Console) -> None:
+    """Held-out accuracy at the first and last evaluation (after cold start, after GRPO), side by
+    side, with standard errors; `samples` completions per clip made the sampled accuracy."""
+    from rich.table import Table
+
+    from tinyr1.log import read_eval
+
+    rows = read_eval(run_dir)
+    if len(rows) < 2:
+        return
+    first, last = rows[0], rows[-1]
+    table = Table(title=f"held-out accuracy ({int(last.get('n', 0))} clips)")
+    for col in ("", "greedy", f"sampled (T, {samples} per clip)", "format"):
+        table.add_column(col)
+    for name, r in ((f"after cold start (step {first['step']})", first), (f"after GRPO (step {last['step']})", last)):
+        table.add_row(name, f"{r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f}", f"{r['sampled_accuracy']:.3f}",
+                      f"{r['format_rate']:.3f}")
+    table.add_row("GRPO gain", f"{last['accuracy'] - first['accuracy']:+.3f}",
+                  f"{last['sampled_accuracy'] - first['sampled_accuracy']:+.3f}", "")
+    console.print(table)

@@ -17,10 +17,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from tinyr1.errors import CheckpointError, DeviceError
+from tinyr1.hf_compat import enable_gradient_checkpointing
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+from tinyr1.tokenizer import load_tokenizer as read_tokenizer
+
+# peft and bitsandbytes are imported where used: bitsandbytes logs a notice on import that the
+# filter below must be registered for first (peft imports bitsandbytes).
 
 VISION_PREFIX = "vision_tower._vision_tower.vision_model."
 LLM_PREFIX = "language_model."
@@ -63,8 +72,6 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not looks_like_hub_id:
         raise CheckpointError(f"model folder {p} does not exist; pass a local folder or a hub id (owner/name)")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(repo_id=str(path)))
     except Exception as err:  # offline, unknown repo, auth ...
         raise CheckpointError(
@@ -109,7 +116,6 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def read_weights(model_dir: Path, keep: Callable[[str], bool] = lambda _: True) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(model_dir):
@@ -160,7 +166,6 @@ def build_model(
     source: str = "checkpoint",
 ) -> TinyLlavaVideo:
     """Assemble the model without random init (parameters on meta, then assigned from `state`)."""
-    from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = TinyLlavaVideo(cfg, attn_implementation=attn_implementation, truncate_vision=truncate_vision)
@@ -214,9 +219,7 @@ def load_tinyllava(
     model.eval()
     tokenizer = None
     if load_tokenizer:
-        from tinyr1.tokenizer import load_tokenizer as _load_tok
-
-        tokenizer = _load_tok(model_dir)
+        tokenizer = read_tokenizer(model_dir)
     return LoadedModel(model, tokenizer, cfg, model_dir, quant, torch_dtype)
 
 
@@ -282,14 +285,12 @@ def load_adapter(model: TinyLlavaVideo, adapter_dir: str | Path, *, trainable: b
         raise CheckpointError(f"adapter {adir} does not match the base model: {err}") from None
     conn = adir / "connector.safetensors"
     if conn.is_file():
-        from safetensors.torch import load_file
-
         state = load_file(str(conn))
-        own = model.connector._connector.state_dict()
+        own = model.connector.resampler.state_dict()
         bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
         if bad:
             raise CheckpointError(f"{conn}: tensors do not match the base model's connector: {', '.join(bad[:5])}")
-        model.connector._connector.load_state_dict(state, strict=True)
+        model.connector.resampler.load_state_dict(state, strict=True)
 
 
 @contextlib.contextmanager
@@ -310,11 +311,7 @@ def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradie
     if train_connector:
         model.connector.requires_grad_(True)
     if gradient_checkpointing:
-        llm = model.llm  # transformers >= 5.2x renamed the method and its keyword; 5.17 has only the old one
-        if hasattr(llm, "activation_checkpointing_enable"):
-            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model.llm)
     model.train()
     model.vision_tower.eval()
 

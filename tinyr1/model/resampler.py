@@ -140,5 +140,15 @@ class Connector(nn.Module):
                 f"connector_type {connector_type!r} is not supported; use 'groupresampler' or 'naiveresampler'"
             )
 
+    @property
+    def resampler(self) -> nn.Module:
+        """The resampler itself: its `state_dict()` has the keys saved after `connector._connector.`."""
+        return self._connector
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the connector computes in (its input projection's weight)."""
+        return self._connector.linear.weight.dtype
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self._connector(features)

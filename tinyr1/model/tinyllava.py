@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
 
+from tinyr1.hf_compat import siglip_core
 from tinyr1.model.resampler import Connector
 
 IMAGE_TOKEN_INDEX = -200
@@ -81,16 +82,12 @@ class TinyLlavaConfig:
 
 
 class _SiglipHolder(nn.Module):
-    """Keeps the SigLIP transformer under `vision_model.` whatever the transformers version.
-
-    Older transformers nest `SiglipVisionModel.vision_model`; newer ones flatten it. The original
-    keys are `vision_tower._vision_tower.vision_model.*`, so we hold the core ourselves.
-    """
+    """Keeps the SigLIP transformer under `vision_model.` whatever the transformers version: the
+    original keys are `vision_tower._vision_tower.vision_model.*`, so we hold the core ourselves."""
 
     def __init__(self, config: SiglipVisionConfig) -> None:
         super().__init__()
-        hf = SiglipVisionModel(config)
-        self.vision_model: nn.Module = getattr(hf, "vision_model", hf)
+        self.vision_model: nn.Module = siglip_core(config)
 
 
 class VisionTower(nn.Module):
@@ -157,6 +154,11 @@ class TinyLlavaVideo(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens().weight.device
 
+    @property
+    def connector_trains(self) -> bool:
+        """Whether the connector's weights take gradients (`model.train_connector`)."""
+        return any(p.requires_grad for p in self.connector.parameters())
+
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frozen tower, always without gradient: [T, 3, S, S] -> [T*P', Dv]."""
         tower = self.vision_tower
@@ -165,11 +167,25 @@ class TinyLlavaVideo(nn.Module):
             feats = tower(pixels.to(self.device, dtype), self.cfg.vision_feature_layer)  # [T, P', Dv]
         return feats.reshape(1, -1, feats.shape[-1])  # [1, T*P', Dv]
 
+    def connect(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [1, T*P', Dv] -> video tokens [Q, D]: the one way to run the connector.
+
+        Grad flows into the connector when grad is enabled and its weights require it (it trains);
+        the features are cast to the connector's own dtype, whatever the tower computed in.
+        """
+        return self.connector(features.to(self.connector.dtype))[0]  # [Q, D]
+
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """[T, 3, S, S] -> video tokens [Q, D]. Grad flows into the connector when it is trainable."""
-        feats = self.vision_features(pixels)  # [1, T*P', Dv]
-        conn_dtype = self.connector._connector.linear.weight.dtype
-        return self.connector(feats.to(conn_dtype))[0]  # [Q, D]
+        return self.connect(self.vision_features(pixels))  # [Q, D]
+
+    def check_length(self, positions: int) -> None:
+        """Refuse sequences the original was never trained on (RoPE positions past its maximum)."""
+        if positions >= self.cfg.tokenizer_model_max_length:
+            raise ValueError(
+                f"prompt + completion ({positions} positions) reaches tokenizer_model_max_length "
+                f"({self.cfg.tokenizer_model_max_length}); lower rollout.max_new_tokens or video.num_frames"
+            )
 
     # ---- splice -----------------------------------------------------------------------------
     def splice(

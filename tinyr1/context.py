@@ -1,0 +1,90 @@
+"""Everything one training run holds for its whole length, built from a `Config` in one place.
+
+`build_context(cfg, total_steps=...)` is the only way the trainer, the cold start, `tinyr1 bench`
+and the benchmarks get a model, optimizer and schedule, so what they measure is what `train` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tinyr1.config import Config
+from tinyr1.data import Sample, load_dataset
+from tinyr1.kernels import apply_liger, resolve_backend
+from tinyr1.model.loading import add_lora, load_tinyllava, prepare_for_training, trainable_parameters
+from tinyr1.model.tinyllava import TinyLlavaVideo
+from tinyr1.optim import make_optimizer, make_scheduler
+from tinyr1.rewards import RewardFn, resolve_rewards
+from tinyr1.video import load_frames
+
+
+@dataclass(kw_only=True)
+class Context:
+    """What every GRPO step needs; built once per run by `build_context`."""
+
+    cfg: Config
+    model: TinyLlavaVideo  # NF4 LLM + LoRA (+ trainable connector), frozen vision tower
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # sampling + advantage noise, on the CPU: the same draws on any device
+    reward_funcs: list[tuple[str, float, RewardFn]]  # (name, weight, function)
+    backend: str  # the log-prob kernel really used: "torch" | "triton"
+
+
+def build_context(cfg: Config, *, total_steps: int) -> Context:
+    """Model, optimizer, a schedule over `total_steps` GRPO steps, sampler RNG and rewards.
+
+    The global torch seed is set first: LoRA's initialization (and with it the whole run) is a
+    function of `train.seed`.
+    """
+    reward_funcs = resolve_rewards(cfg.rewards.weights)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = build_model(cfg)
+    t = cfg.train
+    optimizer = make_optimizer(t.optimizer, list(trainable_parameters(model).values()), lr=t.lr,
+                               weight_decay=t.weight_decay, device=model.device)
+    scheduler = make_scheduler(optimizer, kind=t.lr_scheduler, warmup_ratio=t.warmup_ratio,
+                               total=total_steps * cfg.grpo.num_iterations)
+    return Context(
+        cfg=cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+        generator=torch.Generator().manual_seed(t.seed), reward_funcs=reward_funcs,
+        backend=resolve_backend(cfg.model.kernels, model.device),
+    )
+
+
+def build_model(cfg: Config) -> tuple[TinyLlavaVideo, Any]:
+    """Load the checkpoint (NF4 when configured), add LoRA, freeze the rest: (model, tokenizer)."""
+    m = cfg.model
+    loaded = load_tinyllava(m.path, quant=m.quant, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
+    if m.liger == "on" or (m.liger == "auto" and loaded.model.device.type == "cuda"):
+        apply_liger(loaded.model.llm)
+    add_lora(loaded.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
+    prepare_for_training(loaded.model, train_connector=m.train_connector, gradient_checkpointing=m.gradient_checkpointing)
+    return loaded.model, loaded.tokenizer
+
+
+def frames_loader(cfg: Config, image_size: int) -> Callable[[Sample], torch.Tensor]:
+    """sample -> pixels [T, 3, S, S], sampled as `[video]` says."""
+    v = cfg.video
+
+    def load(sample: Sample) -> torch.Tensor:
+        return load_frames(sample.video, v.num_frames, image_size, fps=v.fps, max_frames=v.max_frames)
+
+    return load
+
+
+def load_split(cfg: Config, path: str | None) -> list[Sample]:
+    """The samples of one data file (none when the path is unset)."""
+    if path is None:
+        return []
+    return load_dataset(path, video_root=cfg.data.video_root, fmt=cfg.data.format)
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    """`train.steps`, or one pass over the training set."""
+    return cfg.train.steps or max(n_train // cfg.rollout.prompts_per_step, 1)
