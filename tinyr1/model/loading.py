@@ -33,7 +33,6 @@ from tinyr1.tokenizer import load_tokenizer as read_tokenizer
 
 VISION_PREFIX = "vision_tower._vision_tower.vision_model."
 LLM_PREFIX = "language_model."
-CONNECTOR_PREFIX = "connector._connector."
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

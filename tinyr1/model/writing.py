@@ -1,6 +1,6 @@
 """Write checkpoints in the original TinyLLaVA-Video layout, and tiny random ones for tests/demo.
 
-The layout (REFERENCE.md §1): config.json with `text_config`/`vision_config` holding only values
+The layout (docs/ORIGINAL.md §1): config.json with `text_config`/`vision_config` holding only values
 that differ from the HF class defaults, safetensors (sharded with an index above a size limit)
 with the original key names and *without* the tied `language_model.lm_head.weight`,
 generation_config.json, and the tokenizer files.
