@@ -1,7 +1,9 @@
-"""Checks behind `load_config`: types, values and cross-field rules, all collected into one error.
+"""Validation of a raw TOML dict against the schema: types, values and cross-field rules, one error.
 
-Nothing here imports torch or touches weights: a bad config fails in milliseconds, with every
-problem listed (file:line or the --set text, the key, the nearest valid key, and the fix).
+`config_io.load_config` reads the files and hands the merged dict here; `build_config` turns it
+into a `Config` or raises one `ConfigError` listing every problem (file:line or the --set text,
+the key, the nearest valid key, and the fix). Nothing here reads files, imports torch or touches
+weights: a bad config fails in milliseconds.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -18,6 +21,11 @@ from typing import Any, Literal, Union
 
 from tinyr1.config import SECTIONS, TABLE_FIELDS, TOP_LEVEL_KEYS, Config, Origins
 from tinyr1.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
 
 _NONE_WORDS = ("none", "null")
 
@@ -116,8 +124,6 @@ def parse_text(text: str, tp: Any) -> Any:
                 pass
         if origin is list:
             if text.startswith("["):
-                from tinyr1.config import tomllib
-
                 try:
                     return tomllib.loads(f"v = {text}")["v"]
                 except tomllib.TOMLDecodeError:
@@ -426,3 +432,15 @@ def build_config(
         body = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"invalid configuration ({label}), {count}:\n{body}")
     return cfg
+
+
+# ---------------------------------------------------------------- beyond a valid config
+
+
+def check_trainable(cfg: Config) -> None:
+    """What `load_config` cannot demand (presets leave data open): training needs data.train."""
+    if cfg.data.train is None:
+        raise ConfigError(
+            "data.train is not set: GRPO needs a training set; fix: --set data.train=path/to/train.jsonl "
+            "(and --set data.video_root=videos/ if its video paths are relative to another folder)"
+        )

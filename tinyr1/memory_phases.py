@@ -11,10 +11,10 @@ and SiLU, the gate*up product and SDPA save their inputs/outputs. Bytes are per 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from tinyr1.memory_arch import ADAPTER, Arch, RunShape, connector_tensors
 
 Moment = dict[str, tuple[str, int, str]]
-ADAPTER = 4
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Op:
     backward: float  # bytes/token in flight while its backward runs (grads + temporaries)
 
 
-def _lora(run: Any, din: int, target: str) -> tuple[float, bool]:
+def _lora(run: RunShape, din: int, target: str) -> tuple[float, bool]:
     """(bytes/token an adapter on a linear with input width din saves, whether it keeps the shared input)."""
     if target not in run.lora_targets:
         return 0.0, False
@@ -37,7 +37,7 @@ def _lora(run: Any, din: int, target: str) -> tuple[float, bool]:
     return saved, True
 
 
-def layer_ops(arch: Any, run: Any, *, expand_kv: bool, seq: int) -> list[Op]:
+def layer_ops(arch: Arch, run: RunShape, *, expand_kv: bool, seq: int) -> list[Op]:
     """One Qwen2 decoder layer with grad, in forward order. `seq`: sequence length (eager scores)."""
     c, a, d, kv, f, h = run.c, ADAPTER, arch.hidden, arch.kv_dim, arch.ffn, arch.heads
     cast, p, liger = c != a, run.lora_dropout > 0, run.liger
@@ -71,12 +71,12 @@ def layer_ops(arch: Any, run: Any, *, expand_kv: bool, seq: int) -> list[Op]:
     ]
 
 
-def layer_saved(ops: list[Op], arch: Any, run: Any) -> float:
+def layer_saved(ops: list[Op], arch: Arch, run: RunShape) -> float:
     """Bytes/token one layer keeps for backward, plus its output."""
     return sum(op.saves for op in ops) + arch.hidden * run.c
 
 
-def layer_backward_peak(ops: list[Op], arch: Any, run: Any) -> float:
+def layer_backward_peak(ops: list[Op], arch: Arch, run: RunShape) -> float:
     """Bytes/token at the worst point of one checkpointed layer's recompute + backward.
 
     Recompute recreates everything the layer saves (plus its output for a moment) while the incoming
@@ -91,7 +91,7 @@ def layer_backward_peak(ops: list[Op], arch: Any, run: Any) -> float:
     return worst
 
 
-def nograd_layer_peak(arch: Any, run: Any, seq: int) -> float:
+def nograd_layer_peak(arch: Arch, run: RunShape, seq: int) -> float:
     """Bytes/token of the largest transient of one decoder layer run without grad (prefill, reference)."""
     c, a, d, f = run.c, ADAPTER, arch.hidden, arch.ffn
     up = f * 2 * a if "up_proj" in run.lora_targets else 0  # LoRA branch result, promoted to fp32
@@ -102,7 +102,7 @@ def nograd_layer_peak(arch: Any, run: Any, seq: int) -> float:
     return max(mlp, attn)
 
 
-def connector_saved(arch: Any, run: Any) -> int:
+def connector_saved(arch: Arch, run: RunShape) -> int:
     """Bytes the connector (trainable) keeps for backward for one video of `run.frames` frames."""
     c, d = run.c, arch.hidden
     inner = arch.connector_heads * arch.connector_dim_head
@@ -114,7 +114,7 @@ def connector_saved(arch: Any, run: Any) -> int:
     return int(m_all * d * c + arch.resampler_layers * per_layer + arch.num_queries * d * c)
 
 
-def connector_nograd_peak(arch: Any, run: Any) -> int:
+def connector_nograd_peak(arch: Arch, run: RunShape) -> int:
     c, d = run.c, arch.hidden
     inner = arch.connector_heads * arch.connector_dim_head
     m_all = run.frames * arch.kept_patches
@@ -122,7 +122,7 @@ def connector_nograd_peak(arch: Any, run: Any) -> int:
     return int(m_all * d * c + chunk * (2 * d + 2 * inner) * c + arch.num_queries * d * c)
 
 
-def vision_moment(arch: Any, run: Any) -> int:
+def vision_moment(arch: Arch, run: RunShape) -> int:
     """Encoding one video without grad: pixels, one SigLIP layer's transient, output, features copy."""
     c, dv, fv, t, p = run.c, arch.vision_hidden, arch.vision_ffn, run.frames, arch.patches
     layer = 2 * dv * c + 2 * fv * c
@@ -132,11 +132,11 @@ def vision_moment(arch: Any, run: Any) -> int:
     return int(pixels + t * p * (layer + dv * c) + t * arch.kept_patches * dv * c)
 
 
-def kv_bytes(arch: Any, run: Any, rows: int, seq: int) -> int:
+def kv_bytes(arch: Arch, run: RunShape, rows: int, seq: int) -> int:
     return 2 * arch.layers * rows * arch.kv_dim * seq * run.c
 
 
-def sampling_bytes(arch: Any, run: Any, rows: int) -> int:
+def sampling_bytes(arch: Arch, run: RunShape, rows: int) -> int:
     """Per decode step: logits, fp32 copy, /T, top-k/top-p filtering, probs, cdf, log-softmax ([rows, V])."""
     c = run.c
     base = c + (4 if c != 4 else 0) + 4
@@ -146,7 +146,7 @@ def sampling_bytes(arch: Any, run: Any, rows: int) -> int:
     return rows * arch.vocab * max(filt, end)
 
 
-def rollout_moments(arch: Any, run: Any) -> dict[str, Moment]:
+def rollout_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     c, d, b, rows = run.c, arch.hidden, run.prompts, run.rows
     feat = run.frames * arch.kept_patches * arch.vision_hidden * c
     vt = arch.num_queries * d * c
@@ -176,17 +176,17 @@ def rollout_moments(arch: Any, run: Any) -> dict[str, Moment]:
     return {"encode video": enc, "connector": conn, "prefill": prefill, "decode": decode}
 
 
-def max_prompts_per_microbatch(run: Any) -> int:
+def max_prompts_per_microbatch(run: RunShape) -> int:
     n, g, mb = run.rows, run.group_size, run.micro_batch
     return max(len({r // g for r in range(s, min(s + mb, n))}) for s in range(0, n, mb))
 
 
-def logprob_terms(arch: Any, run: Any, n: int) -> tuple[int, int, int]:
+def logprob_terms(arch: Arch, run: RunShape, n: int) -> tuple[int, int, int]:
     """(saved for backward, forward transient, backward transient) of the per-token log-prob on n tokens."""
     c, d = run.c, arch.hidden
     if run.logprob_backend == "triton":
         return n * 8, n * 4 * 4 * 64, n * d * (4 + c)  # lse/entropy; [4, splits, N] partials; fp32 dh + cast
-    from tinyr1.kernels.logprob import default_tile
+    from tinyr1.kernels.logprob import default_tile  # heavy: imports torch, which planning never needs
 
     tile = default_tile(n, arch.vocab)
     h32 = n * d * 4 if c != 4 else 0
@@ -196,7 +196,7 @@ def logprob_terms(arch: Any, run: Any, n: int) -> tuple[int, int, int]:
     return n * d * 4 + n * 12, fwd, bwd  # mean_w [N, D] fp32 + lse, logp, entropy
 
 
-def update_shapes(arch: Any, run: Any) -> tuple[int, int, int, int]:
+def update_shapes(arch: Arch, run: RunShape) -> tuple[int, int, int, int]:
     """(prompts k, prompt positions S_p, completion rows mb, completion positions L') of one update
     micro-batch: each of its k prompts runs once, its mb rows run their L' = L - 1 tokens against the
     prompt's K/V repeated to them (`rollout.shared_prefix_hidden`)."""
@@ -204,7 +204,7 @@ def update_shapes(arch: Any, run: Any) -> tuple[int, int, int, int]:
             max(run.max_new_tokens - 1, 1))
 
 
-def update_moments(arch: Any, run: Any) -> dict[str, Moment]:
+def update_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     c, d = run.c, arch.hidden
     k, s_p, mb, ls = update_shapes(arch, run)
     tokens, n = k * s_p + mb * ls, mb * run.max_new_tokens  # positions through the layers; log-prob rows
@@ -243,8 +243,6 @@ def update_moments(arch: Any, run: Any) -> dict[str, Moment]:
         back = {**fwd, "layer backward": ("activation", int(tokens * ops[-1].backward), "")}
     out = {"log-prob forward": fwd, "log-prob backward": lp_back, "layer backward": back}
     if run.train_connector:  # weight-grad buffers of every connector weight fill while its saved tensors drain
-        from tinyr1.memory import connector_tensors
-
         sizes = connector_tensors(arch)
         buffers = (sum(sizes) + 2 * max(sizes)) * c
         out["connector backward"] = {**base, "connector activations": fwd["connector activations"],

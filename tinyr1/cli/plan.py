@@ -61,20 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyr1.config import load_config
+    from tinyr1.config_io import load_config
     from tinyr1.errors import ConfigError
-    from tinyr1.memory import (
-        MARGIN,
-        GiB,
-        RunShape,
-        advise,
-        arch_for_config,
-        estimate,
-        gib,
-        need_bytes,
-        nominal_gpu_gb,
-        verdict,
-    )
+    from tinyr1.memory import GiB, advise, arch_for_config, estimate, gib, need_bytes, nominal_gpu_gb, verdict
+    from tinyr1.memory_arch import MARGIN, RunShape
 
     if args.prompt_tokens < 1:
         raise ConfigError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")

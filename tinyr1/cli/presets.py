@@ -61,7 +61,7 @@ def _list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tinyr1.config import list_presets, load_config
+    from tinyr1.config_io import list_presets, load_config
     from tinyr1.errors import ConfigError
 
     table = Table(title="tinyr1 presets", title_justify="left")
@@ -90,7 +90,7 @@ def _list(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tinyr1.config import config_to_toml, load_config
+    from tinyr1.config_io import config_to_toml, load_config
 
     cfg = load_config(args.name, args.overrides)
     if args.toml:
