@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tinyr1.cli import build_parser
-from tinyr1.config import load_config
+from tinyr1.config_io import load_config
 from tinyr1.rewards import compute_rewards, resolve_rewards
 
 ROOT = Path(__file__).resolve().parents[1]

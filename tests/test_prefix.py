@@ -16,7 +16,7 @@ import pytest
 import torch
 from oracle import naive_logprobs
 
-from tinyr1.config import load_config
+from tinyr1.config_io import load_config
 from tinyr1.context import Context
 from tinyr1.logprobs import completion_logprobs
 from tinyr1.loss import completion_mask, policy_loss

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tinyr1.cli import main
-from tinyr1.config import load_config
-from tinyr1.memory import Arch
+from tinyr1.config_io import load_config
+from tinyr1.memory_arch import Arch
 from tinyr1.model.tinyllava import TinyLlavaConfig
 from tinyr1.preset_bench import NeverEosTokenizer, bench_context, measured_step, raw_config_for, reduce_arch
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tinyr1.checkpoint import TrainState, latest_checkpoint
-from tinyr1.config import load_config
+from tinyr1.config_io import load_config
 from tinyr1.context import build_context, frames_loader, load_split
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import RunLogger

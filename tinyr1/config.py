@@ -191,6 +191,10 @@ class TrainConfig:
     save_every: int = _f(50, "checkpoint every N steps (0 = only at the end)", ge=0)
     eval_every: int = _f(0, "evaluate on data.eval every N steps (0 = only at the end)", ge=0)
     eval_limit: int | None = _f(None, "evaluate on at most this many samples; none = all", ge=1)
+    eval_samples: int = _f(
+        4, "completions per clip for the sampled accuracy (at the rollout's temperature/top-k/top-p; "
+        "at most rollout.num_generations)", ge=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,14 @@ import torch
 from rich.table import Table
 
 from tinyr1.config import Config
-from tinyr1.config import apply_overrides, load_config
+from tinyr1.config_io import apply_overrides, load_config
 from tinyr1.context import Context, build_context, frames_loader, load_split
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import peak_memory_bytes
 from tinyr1.loss import completion_mask
 from tinyr1.memory import Estimate, arch_for_config, estimate, need_bytes
-from tinyr1.memory import Arch, RunShape
+from tinyr1.memory_arch import Arch, RunShape
 from tinyr1.memory_measure import measure_phases, resident_bytes
 from tinyr1.model.loading import resolve_device
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo

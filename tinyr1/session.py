@@ -17,8 +17,8 @@ from rich.console import Console
 from tinyr1.checkpoint import TrainState
 from tinyr1.coldstart import run_coldstart
 from tinyr1.config import Config
-from tinyr1.config import save_config
-from tinyr1.config import check_trainable
+from tinyr1.config_io import save_config
+from tinyr1.config_validate import check_trainable
 from tinyr1.context import Context, build_context, frames_loader, load_split, total_steps
 from tinyr1.data import Sample
 from tinyr1.evaluate import evaluate
