@@ -116,7 +116,7 @@ def load_checkpoint(
     generator: torch.Generator,
 ) -> TrainState:
     """Restore weights, optimizer, scheduler, RNG and the loop position from `ckpt`."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # peft imports bitsandbytes: after loading.py's log filter
 
     adir = ckpt / ADAPTER
     weights = adir / "adapter_model.safetensors"

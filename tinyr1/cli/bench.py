@@ -8,11 +8,14 @@ Structure: `register` builds the `bench` parser (`_add_bench_parser`) and its su
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 from tinyr1.cli._args import add_threads_arg, apply_threads
+from tinyr1.errors import ConfigError, DeviceError
 
 ORDER = 90
 
@@ -124,7 +127,6 @@ def _bench_root(args: argparse.Namespace) -> int:
     if args.preset is None:
         args.bench_parser.print_help()
         return 2
-    import json
 
     from rich.console import Console
 
@@ -135,8 +137,6 @@ def _bench_root(args: argparse.Namespace) -> int:
     knobs = {k: getattr(args, k) for k in ("layers", "hidden", "vision_layers", "vision_hidden", "vocab")}
     bad = [f"--{k.replace('_', '-')}" for k, v in knobs.items() if v is not None and v < 1]
     if bad:
-        from tinyr1.errors import ConfigError
-
         raise ConfigError(f"{', '.join(bad)} must be at least 1")
     result = run_preset_bench(
         args.preset, steps=args.steps, scale=args.scale, knobs=knobs, overrides=args.overrides, device=args.device,
@@ -145,8 +145,6 @@ def _bench_root(args: argparse.Namespace) -> int:
     )
     print_result(result, console)
     if args.json:
-        from pathlib import Path
-
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
         console.print(f"wrote {args.json}")
@@ -161,7 +159,6 @@ def _available_bytes() -> int:
 
 
 def _check_args(args: argparse.Namespace, device: Any, methods: list[str]) -> None:
-    from tinyr1.errors import ConfigError, DeviceError
     from tinyr1.kernels.liger import liger_available
     from tinyr1.kernels.logprob import triton_available
 
@@ -200,8 +197,6 @@ def _kernels(args: argparse.Namespace) -> int:
     from tinyr1.kernels.bench import BenchResult, bench_kernels
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        from tinyr1.errors import DeviceError
-
         raise DeviceError("--device cuda but CUDA is not available here; use --device cpu")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from tinyr1.model.tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlavaConfig, TinyLlavaVideo
+from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -47,7 +49,6 @@ def write_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Write `state` (original key names) + config + tokenizer files into `out_dir`."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,6 @@ def write_tiny_checkpoint(
     out_dir: str | Path, *, seed: int = 0, frames: int = 8, image_size: int = 32, max_shard_bytes: int | None = None
 ) -> Path:
     """A randomly initialised tiny checkpoint in the exact original layout, tokenizer included."""
-    from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
