@@ -8,12 +8,15 @@ lines the CPU cannot check and are left out here.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from tinyr1.cli import main
 from tinyr1.config_io import load_config
 from tinyr1.errors import ConfigError
+from tinyr1.hf_compat import decode_repeats_kv
 from tinyr1.memory import GiB, advise, check_fits, estimate, need_bytes, verdict, weight_lines
 from tinyr1.memory_arch import Arch, RunShape
 from tinyr1.memory_measure import LiveTensorBytes, measure_phases, module_bytes, tensor_bytes
@@ -26,13 +29,6 @@ from tinyr1.trainer import grpo_step
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _kv_expand_decode() -> bool:
-    """transformers versions without `pack_gqa` repeat K/V to all heads when decoding with a mask."""
-    from transformers.integrations import sdpa_attention
-
-    return not hasattr(sdpa_attention, "pack_gqa")
 
 
 def _tiny_cfg(frames: int, hidden: int = 128, ffn: int = 512, layers: int = 3, vocab: int = 2048) -> TinyLlavaConfig:
@@ -91,7 +87,8 @@ def test_planner_within_20_percent_of_measured_peaks(tmp_path, frames, group, ne
     rollout, update, ro = measure_phases(ctx, batch)
     grads = sum(p.numel() * p.element_size() for p in trainable_parameters(ctx.model).values())
     prompt_tokens = round(sum(p.numel() - 1 for p in ro.prompt_ids) / len(ro.prompt_ids))
-    est = estimate(Arch.from_tinyllava(ctx.model.cfg), RunShape.from_config(ctx.cfg, prompt_tokens))
+    shape = replace(RunShape.from_config(ctx.cfg, prompt_tokens), kv_expand_decode=decode_repeats_kv())
+    est = estimate(Arch.from_tinyllava(ctx.model.cfg), shape)
     planned_rollout = est.phase_total("rollout", ("kept", "activation"))
     planned_update = est.phase_total("update", ("kept", "activation"))
     assert planned_rollout == pytest.approx(rollout, rel=0.2), est.moments

@@ -54,3 +54,12 @@ def layer_checkpointing_off(layer: nn.Module) -> Iterator[None]:
     finally:
         if on:
             layer.gradient_checkpointing = True
+
+
+def decode_repeats_kv() -> bool:
+    """Whether SDPA decoding with a mask repeats K/V to every query head (versions without
+    `pack_gqa`): a grouped-query model's decode then holds num_heads / kv_heads copies of K/V.
+    The planner assumes it by default (the worst case); measurements pass what this version does."""
+    from transformers.integrations import sdpa_attention
+
+    return not hasattr(sdpa_attention, "pack_gqa")
