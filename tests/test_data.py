@@ -1,4 +1,4 @@
-"""Dataset formats, malformed-row reports, skip-and-count, and `tinyr1 data check`."""
+"""Dataset formats, malformed-row reports, and `tinyr1 data check`."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tinyr1.cli import main as cli_main
-from tinyr1.data import BadVideoTracker, FrameLoader, Sample, load_dataset, scan_dataset, sft_pair
+from tinyr1.data import Sample, load_dataset, scan_dataset, sft_pair
 from tinyr1.errors import DataError
 from tinyr1.prompts import R1_SUFFIX
 from tinyr1.synth import write_synthetic
@@ -117,40 +117,6 @@ def test_unknown_rows_and_files(tmp_path: Path) -> None:
         load_dataset(broken)
     with pytest.raises(DataError, match="no rows"):
         load_dataset(write_jsonl(tmp_path / "empty.jsonl", []))
-
-
-def test_bad_video_tracker_fraction() -> None:
-    t = BadVideoTracker(max_bad_fraction=0.05, total=40)
-    s = [Sample(f"s{i}", Path(f"/v/{i}.mp4"), "Q", "A") for i in range(3)]
-    t.record(s[0], OSError("/v/0.mp4: not found"))
-    t.record(s[0], OSError("/v/0.mp4: not found"))  # the same file counts once
-    t.record(s[1], OSError("/v/1.mp4: corrupt"))
-    assert t.count == 2
-    t.check()  # 2/40 = 5% is not above 5%
-    t.record(s[2], OSError("/v/2.mp4: corrupt"))
-    with pytest.raises(DataError) as err:
-        t.check()
-    assert "3 of 40" in str(err.value) and "/v/2.mp4: corrupt" in str(err.value)
-    BadVideoTracker(0.5).check(4)  # nothing recorded
-
-
-def test_training_loader_skips_and_counts_bad_video(synth: dict[str, Path], tmp_path: Path) -> None:
-    root = tmp_path / "copy"
-    shutil.copytree(synth["train"].parent, root)
-    (root / "videos/train_00004.mp4").unlink()
-    samples = load_dataset(root / "train.jsonl")
-    loader = FrameLoader(8, 32, tracker=BadVideoTracker(0.05, total=len(samples)), cache_items=8)
-    loaded = [loader(s) for s in samples]
-    assert [i for i, x in enumerate(loaded) if x is None] == [4]
-    assert loader.tracker.count == 1 and "train_00004.mp4" in loader.tracker.summary()
-    assert all(x.shape == (8, 3, 32, 32) for x in loaded if x is not None)
-    assert loader(samples[4]) is None and loader.tracker.count == 1  # known bad: not retried
-    # past the threshold the run stops with a summary of the bad files
-    for i in (5, 6):
-        (root / f"videos/train_{i:05d}.mp4").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"3 of 40 videos are unreadable"):
-        for s in samples:
-            loader(s)
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from tiny_adapter import train_answer_adapter
 
+from tinyr1.answers import answer_letter
 from tinyr1.cli import main
 from tinyr1.data import load_dataset
-from tinyr1.evaluate import TokenStreamer, answer_question, evaluate, extract_answer, load_for_inference
+from tinyr1.evaluate import TokenStreamer, answer_question, evaluate, load_for_inference
 from tinyr1.model.writing import write_tiny_checkpoint
 from tinyr1.synth import write_synthetic
 from tinyr1.tokenizer import load_tokenizer
@@ -48,7 +49,7 @@ def test_streamer_emits_text_per_generation_step(assets: dict[str, Path]) -> Non
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # one piece per step, in order
     assert steps[0] <= 2  # the first text arrives right after the first tokens, not at the end
     assert "".join(piece for _, piece in events) == text
-    assert letter == extract_answer(text, 4)
+    assert letter == answer_letter(text, 4)
     # HF generate (streamed) and the eval's prefix-shared greedy sampler agree token for token
     sample = load_dataset(assets["eval"])[0]
     res = evaluate(loaded.model, loaded.tokenizer, [sample], load_frames=lambda s: pixels, max_new_tokens=10)
@@ -78,7 +79,7 @@ def test_cli_prints_stream_and_parsed_answer(assets: dict[str, Path], capsys: py
     out = capsys.readouterr().out
     assert code == 0
     reply, answer_line = out.rstrip("\n").rsplit("\n", 1)
-    letter = extract_answer(reply, 4)
+    letter = answer_letter(reply, 4)
     assert letter is not None, reply
     assert answer_line == f"answer: {letter}. {OPTIONS[ord(letter) - ord('A')]}"
     loaded = load_for_inference(str(assets["model"]), str(assets["adapter"]), device="cpu")

@@ -1,4 +1,4 @@
-"""Rewards: REFERENCE.md §2's outcome table, edge cases, the registry and the safety checks."""
+"""Rewards: docs/ORIGINAL.md §2's outcome table, edge cases, the registry and the safety checks."""
 
 import math
 import random

@@ -1,6 +1,6 @@
-"""Dataset formats -> `Sample`, and the skip-and-count policy for unreadable videos.
+"""Dataset formats -> `Sample`, with every malformed row reported at once.
 
-Three row formats are read (REFERENCE.md §2): the paper's GRPO JSONL (`problem`, `solution`,
+Three row formats are read (docs/ORIGINAL.md §2): the paper's GRPO JSONL (`problem`, `solution`,
 `video_filename`), the LLaVA-style cold-start JSON (`video`, `conversations`), and a generic
 JSONL (`video`, `question`, `options`, `answer`). Every row becomes a `Sample` with the raw
 columns kept in `extra`, because reward functions receive every column (TRL's contract).
@@ -13,20 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from tinyr1.errors import DataError, VideoError
+from tinyr1.answers import answer_text
+from tinyr1.errors import DataError
 from tinyr1.prompts import IMAGE_TOKEN, R1_SUFFIX, build_prompt, question_with_options
 
-if TYPE_CHECKING:
-    import torch
-
 Format = Literal["auto", "r1", "llava", "generic"]
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPTION_RE = re.compile(r"^([A-Z])\.\s+(.*?)\s*$")
 _REQUIRED = {
     "r1": ("problem", "solution", "video_filename"),
@@ -117,11 +113,11 @@ def _need_str(row: dict[str, Any], key: str) -> str:
 def _parse_r1(row: dict[str, Any]) -> tuple[str, str, list[str] | None, str]:
     problem = _need_str(row, "problem")
     solution = _need_str(row, "solution")
-    m = _ANSWER_RE.search(solution)
-    if not m:
+    answer = answer_text(solution)
+    if answer is None:
         raise _RowError(f"'solution' must be '<answer>X</answer>', got {solution!r}")
     options = options_from_problem(problem)
-    return problem, _letter(m.group(1), options, "'solution' answer"), options, _need_str(row, "video_filename")
+    return problem, _letter(answer, options, "'solution' answer"), options, _need_str(row, "video_filename")
 
 
 def _strip_suffix(text: str) -> str:
@@ -143,12 +139,12 @@ def _parse_llava(row: dict[str, Any]) -> tuple[str, str, list[str] | None, str]:
         raise _RowError(f"the human turn must contain {IMAGE_TOKEN} where the video goes")
     if not isinstance(g_text, str):
         raise _RowError("the gpt turn's 'value' must be a string")
-    m = _ANSWER_RE.search(g_text)
-    if not m:
+    answer = answer_text(g_text)
+    if answer is None:
         raise _RowError("the gpt turn has no <answer>X</answer> (cold-start answers end with one)")
     question = _strip_suffix(h_text.replace(IMAGE_TOKEN, "").strip())
     options = options_from_problem(question)
-    return question, _letter(m.group(1), options, "the gpt <answer>"), options, _need_str(row, "video")
+    return question, _letter(answer, options, "the gpt <answer>"), options, _need_str(row, "video")
 
 
 def _parse_generic(row: dict[str, Any]) -> tuple[str, str, list[str] | None, str]:
@@ -275,93 +271,3 @@ def sft_pair(sample: Sample) -> tuple[str, str]:
     if isinstance(convs, list) and len(convs) >= 2:
         return str(convs[0]["value"]), str(convs[1]["value"])
     return build_prompt(sample.question, mode="train"), f"<answer>{sample.answer}</answer>"
-
-
-class BadVideoTracker:
-    """Counts unreadable videos (once per file) and stops the run past a fraction.
-
-    A long run should survive a few broken clips but not silently train on a dataset that is
-    mostly missing: the threshold is a fraction of the dataset size.
-    """
-
-    def __init__(self, max_bad_fraction: float = 0.05, total: int | None = None) -> None:
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.max_bad_fraction = max_bad_fraction
-        self.total = total
-        self.bad: dict[str, str] = {}
-
-    @property
-    def count(self) -> int:
-        return len(self.bad)
-
-    def record(self, sample: Sample, error: BaseException) -> None:
-        self.bad.setdefault(str(sample.video), str(error))
-
-    def is_bad(self, sample: Sample) -> bool:
-        return str(sample.video) in self.bad
-
-    def summary(self, limit: int = 20) -> str:
-        lines = [f"  {msg}" for msg in list(self.bad.values())[:limit]]
-        if self.count > limit:
-            lines.append(f"  ... and {self.count - limit} more")
-        return "\n".join(lines)
-
-    def check(self, total: int | None = None) -> None:
-        """Raise DataError when more than max_bad_fraction of `total` samples are unreadable."""
-        n = total if total is not None else self.total
-        if not n or self.count == 0:
-            return
-        if self.count / n > self.max_bad_fraction:
-            raise DataError(
-                f"{self.count} of {n} videos are unreadable ({self.count / n:.1%} > data.max_bad_fraction = "
-                f"{self.max_bad_fraction:.1%}):\n{self.summary()}\n"
-                f"run `tinyr1 data check` on the dataset, fix or drop the bad rows, or raise data.max_bad_fraction"
-            )
-
-
-class FrameLoader:
-    """Sample -> pixels [T, 3, S, S], skipping (and counting) unreadable videos.
-
-    Returns None for a bad video after recording it; raises DataError once too many are bad.
-    An optional LRU cache keeps decoded clips for small datasets (the tiny demo re-reads them).
-    """
-
-    def __init__(
-        self,
-        num_frames: int,
-        image_size: int,
-        *,
-        fps: float | None = None,
-        max_frames: int | None = None,
-        tracker: BadVideoTracker | None = None,
-        cache_items: int = 0,
-    ) -> None:
-        self.num_frames, self.image_size = num_frames, image_size
-        self.fps, self.max_frames = fps, max_frames
-        self.tracker = tracker if tracker is not None else BadVideoTracker()
-        self.cache_items = cache_items
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __call__(self, sample: Sample) -> torch.Tensor | None:
-        from tinyr1.video import load_frames
-
-        key = str(sample.video)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        if self.tracker.is_bad(sample):
-            return None
-        try:
-            pixels = load_frames(
-                sample.video, self.num_frames, self.image_size, fps=self.fps, max_frames=self.max_frames
-            )  # [T, 3, S, S]
-        except VideoError as err:
-            self.tracker.record(sample, err)
-            self.tracker.check()
-            return None
-        if self.cache_items > 0:
-            self._cache[key] = pixels
-            if len(self._cache) > self.cache_items:
-                self._cache.popitem(last=False)
-        return pixels

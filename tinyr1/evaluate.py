@@ -2,15 +2,15 @@
 
 Generation reuses the rollout's prefix-shared sampler: with temperature 0 it is greedy, with
 `num_samples` > 1 at the training temperature it measures the quantity GRPO optimizes (the mean
-accuracy over samples). The prediction is the first character of the `<answer>` text when it is
-an option letter; a missing or invalid `<answer>` counts as wrong — never a random letter (the
-original eval scripts draw one, which inflates accuracy by up to 1 / #options on broken outputs).
+accuracy over samples). The prediction is `tinyr1.answers.answer_letter`: the first character of
+the `<answer>` text when it is an option letter; a missing or invalid `<answer>` counts as wrong —
+never a random letter (the original eval scripts draw one, which inflates accuracy by up to
+1 / #options on broken outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,32 +19,17 @@ from typing import Any
 import torch
 from transformers.generation import BaseStreamer
 
+from tinyr1.answers import answer_letter, think_text
 from tinyr1.errors import VideoError
+from tinyr1.loss import completion_mask
+from tinyr1.model.loading import LoadedModel, load_adapter, load_tinyllava
 from tinyr1.model.tinyllava import TinyLlavaVideo
+from tinyr1.prompts import build_prompt, question_with_options, render_chat
+from tinyr1.rewards import format_strict
+from tinyr1.rollout import sample_group
+from tinyr1.tokenizer import tokenize_prompt
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 CATEGORY_KEYS = ("category", "task", "task_type", "question_type", "type", "domain")
-
-
-def extract_answer(text: str, num_options: int | None = None) -> str | None:
-    """The predicted option letter: the first character of the first `<answer>..</answer>` text
-    when it is an uppercase letter within the options; None when missing or invalid."""
-    m = _ANSWER_RE.search(text)
-    if m is None:
-        return None
-    body = m.group(1).strip()
-    if not body or not ("A" <= body[0] <= "Z"):
-        return None
-    if num_options is not None and ord(body[0]) - ord("A") >= num_options:
-        return None
-    return body[0]
-
-
-def think_length(text: str) -> int:
-    """Characters of the `<think>` text (0 without one): the length the format reward counts."""
-    m = _THINK_RE.search(text)
-    return len(m.group(1).strip()) if m else 0
 
 
 def category_of(sample: Any) -> str | None:
@@ -102,9 +87,6 @@ class EvalResult:
 
 def prompt_tensor(tokenizer: Any, question: str, mode: str) -> torch.Tensor:
     """Token ids [P] of the full chat prompt for a question, `<image>` as the -200 sentinel."""
-    from tinyr1.prompts import build_prompt, render_chat
-    from tinyr1.tokenizer import tokenize_prompt
-
     return torch.tensor(tokenize_prompt(tokenizer, render_chat(build_prompt(question, mode=mode))))  # type: ignore[arg-type]
 
 
@@ -131,10 +113,6 @@ def evaluate(
     on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Accuracy and format rate of `samples`; `load_frames(sample) -> [T, 3, S, S]`."""
-    from tinyr1.loss import completion_mask
-    from tinyr1.rewards import REWARDS
-    from tinyr1.rollout import sample_group
-
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -166,14 +144,14 @@ def evaluate(
         )
         cmask = completion_mask(ids, eos)  # [B*G, L]
         texts = decode_completions(tokenizer, ids, cmask)
-        fmt = REWARDS["format_strict"](texts)
+        fmt = format_strict(texts)
         for i, text in enumerate(texts):
             s = batch[i // num_samples]
-            pred = extract_answer(text, len(s.options) if s.options else None)
+            pred = answer_letter(text, len(s.options) if s.options else None)
             rows.append({
                 "id": s.id, "sample": i % num_samples, "answer": s.answer, "prediction": pred,
                 "completion": text, "correct": pred is not None and pred == s.answer,
-                "formatted": bool(fmt[i] > 0), "think_chars": think_length(text),
+                "formatted": bool(fmt[i] > 0), "think_chars": len(think_text(text) or ""),
                 "num_tokens": int(cmask[i].sum()), "category": category_of(s),
             })
         if on_batch is not None:
@@ -193,9 +171,9 @@ class TokenStreamer(BaseStreamer):
     incomplete UTF-8 sequence (U+FFFD) waits for the next token.
     """
 
-    def __init__(self, tokenizer: Any, on_text: Callable[[str], None], *, skip_prompt: bool = True) -> None:
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
         self.tokenizer, self.on_text = tokenizer, on_text
-        self.skip_prompt = skip_prompt
+        self.prompt_pending = True  # the first `put` is the prompt, never shown
         self.ids: list[int] = []
         self.printed = 0
         self.puts = 0  # generation steps seen (tests check that text arrives step by step)
@@ -203,8 +181,8 @@ class TokenStreamer(BaseStreamer):
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] > 1:
             raise ValueError("TokenStreamer streams one sequence at a time (batch size 1)")
-        if self.skip_prompt:
-            self.skip_prompt = False
+        if self.prompt_pending:
+            self.prompt_pending = False
             return
         self.puts += 1
         self.ids.extend(value.reshape(-1).tolist())
@@ -243,8 +221,6 @@ def answer_question(
     pixels [T, 3, S, S]; greedy unless temperature > 0. The options are listed under the question
     ("A. ..." lines) exactly as in the datasets.
     """
-    from tinyr1.prompts import question_with_options
-
     model.eval()
     pids = prompt_tensor(tokenizer, question_with_options(question, options), prompt_mode)  # [P]
     video = model.encode_video(pixels)  # [Q, D]
@@ -260,7 +236,7 @@ def answer_question(
     if eos in ids:
         ids = ids[: ids.index(eos)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text, extract_answer(text, len(options) if options else None)
+    return text, answer_letter(text, len(options) if options else None)
 
 
 @contextlib.contextmanager
@@ -274,10 +250,8 @@ def quiet_peft() -> Iterator[None]:
 
 def load_for_inference(
     model_dir: str, adapter: str | None = None, *, quant: str = "none", dtype: str = "auto", device: str = "auto"
-) -> Any:
+) -> LoadedModel:
     """A checkpoint (+ LoRA adapter and connector, applied on top, never merged) ready to generate."""
-    from tinyr1.model.loading import load_adapter, load_tinyllava
-
     loaded = load_tinyllava(model_dir, quant=quant, dtype=dtype, device=device)  # type: ignore[arg-type]
     if adapter is not None:
         with quiet_peft():

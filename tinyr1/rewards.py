@@ -3,7 +3,9 @@
 Contract (TRL's, so users can bring their own): `fn(completions: list[str], **columns) ->
 list[float]`, where `columns` holds every dataset column as a list aligned with `completions`
 (here at least `solution` = "<answer>X</answer>" and `answer` = "X"). The R1 rewards follow
-REFERENCE.md §2 to the character: the released model was trained against exactly these.
+docs/ORIGINAL.md §2 to the character: the released model was trained against exactly these. How a
+completion's tags are read (and why the reward reads `<answer>` differently from evaluation) is
+`tinyr1.answers`.
 """
 
 from __future__ import annotations
@@ -14,19 +16,18 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
+from tinyr1.answers import answer_letter, reward_answer, think_text
 from tinyr1.errors import RewardError
+from tinyr1.prompts import THINK_TAGS
 
 RewardFn = Callable[..., list[float]]
 
-# No DOTALL on purpose: the original's tag search misses an answer that spans lines.
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_ANSWER_DOTALL_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPTION_LINE_RE = re.compile(r"^\(?([A-Z])[.)]\s+(.+?)\s*$", re.MULTILINE)
 THINK_CHARS_FOR_FULL_FORMAT = 1200
 LENGTH_CAP_CHARS = 1200
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def completion_text(completion: Any) -> str:
@@ -45,22 +46,18 @@ def _texts(completions: Sequence[Any]) -> list[str]:
 def _ground_truths(solution: Sequence[str] | None, answer: Sequence[str] | None) -> list[str]:
     """The correct answer text per completion, from `solution` (tag text) or `answer` (letter)."""
     if solution is not None:
-        out = []
-        for sol in solution:
-            m = _ANSWER_RE.search(sol)
-            out.append(m.group(1).strip() if m else sol.strip())
-        return out
+        return [reward_answer(sol) for sol in solution]
     if answer is not None:
         return [str(a).strip() for a in answer]
     raise RewardError("reward needs a 'solution' or 'answer' column with the correct option letter")
 
 
 def accuracy_score(text: str, truth: str) -> float:
-    """1.0 when the `<answer>` text (or, with no tag, the whole stripped text) equals the truth
-    or starts with it ("C. pick up" answers "C"); case-sensitive. The original's math-verify
-    pre-check only matters for numeric answers ("2.0" == "2") and is not reproduced."""
-    m = _ANSWER_RE.search(text)
-    student = m.group(1).strip() if m else text.strip()
+    """1.0 when the reward's answer (`reward_answer`: the one-line `<answer>` text, else the whole
+    stripped text) equals the truth or starts with it ("C. pick up" answers "C"); case-sensitive.
+    The original's math-verify pre-check only matters for numeric answers ("2.0" == "2") and is
+    not reproduced."""
+    student = reward_answer(text)
     if not student:
         return 0.0
     return 1.0 if student == truth or student[0] == truth else 0.0
@@ -69,17 +66,16 @@ def accuracy_score(text: str, truth: str) -> float:
 def format_score(text: str) -> float:
     """F = 0.5 + 0.5 * min(len(think) / 1200, 1) for `<think>..</think> <answer>..</answer>`
     with exactly one of each tag; 0 otherwise."""
-    if not _FORMAT_RE.fullmatch(text) or any(text.count(t) != 1 for t in _TAGS):
+    if not _FORMAT_RE.fullmatch(text) or any(text.count(t) != 1 for t in THINK_TAGS):
         return 0.0
-    think = _THINK_RE.search(text)
-    think_len = len(think.group(1).strip()) if think else 0
-    return 0.5 + 0.5 * min(think_len / THINK_CHARS_FOR_FULL_FORMAT, 1.0)
+    think = think_text(text) or ""  # always present once the fullmatch passed
+    return 0.5 + 0.5 * min(len(think) / THINK_CHARS_FOR_FULL_FORMAT, 1.0)
 
 
 def accuracy(
     completions: Sequence[Any], solution: Sequence[str] | None = None, answer: Sequence[str] | None = None, **_: Any
 ) -> list[float]:
-    """1/0: the answer letter matches (REFERENCE.md §2 accuracy)."""
+    """1/0: the answer letter matches (docs/ORIGINAL.md §2 accuracy)."""
     texts = _texts(completions)
     truths = _ground_truths(solution, answer)
     return [accuracy_score(t, g) for t, g in zip(texts, truths)]
@@ -117,9 +113,8 @@ def length(completions: Sequence[Any], **_: Any) -> list[float]:
     """min(len(think text) / 1200, 1): rewards longer reasoning, capped (whole text without tags)."""
     out = []
     for text in _texts(completions):
-        m = _THINK_RE.search(text)
-        body = m.group(1).strip() if m else text.strip()
-        out.append(min(len(body) / LENGTH_CAP_CHARS, 1.0))
+        body = think_text(text)
+        out.append(min(len(body if body is not None else text.strip()) / LENGTH_CAP_CHARS, 1.0))
     return out
 
 
@@ -147,18 +142,18 @@ def agreement(
     """1/0: the think text names the option its own answer letter picks, and no other option.
 
     Ties the letter to the reasoning so the think text cannot drift away from the answer
-    (rewarding only the letter let them diverge in the tiny demo, DESIGN.md).
+    (rewarding only the letter let them diverge in the tiny demo, docs/DESIGN.md). The letter is
+    read like evaluation reads it (`answer_letter`).
     """
     texts = _texts(completions)
     opts = _options(len(texts), options, problem, question)
     out = []
     for text, by_letter in zip(texts, opts):
-        think, ans = _THINK_RE.search(text), _ANSWER_DOTALL_RE.search(text)
-        letter = ans.group(1).strip()[:1] if ans else ""
-        if not think or letter not in by_letter:
+        think, letter = think_text(text), answer_letter(text)
+        if think is None or letter not in by_letter:
             out.append(0.0)
             continue
-        named = {k for k, v in by_letter.items() if _mentions(think.group(1), v)}
+        named = {k for k, v in by_letter.items() if _mentions(think, v)}
         out.append(1.0 if named == {letter} else 0.0)
     return out
 
@@ -230,14 +225,12 @@ def _checked(name: str, values: Any, n: int) -> list[float]:
 
 def compute_rewards(
     funcs: list[tuple[str, float, RewardFn]], completions: list[str], columns: dict[str, list[Any]]
-) -> tuple[Any, Any]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run every reward; returns (per-reward [N, R], weighted sum [N]) as float32 tensors.
 
     A reward that raises, returns the wrong length, a non-number, NaN or inf is a RewardError
     naming it: a silently broken reward would train the model on noise.
     """
-    import torch
-
     n = len(completions)
     for key, col in columns.items():
         if len(col) != n:
