@@ -1,9 +1,8 @@
-"""Prompt strings against the literal text of REFERENCE.md §1-2 (character-exact)."""
+"""Prompt strings against the literal text of docs/ORIGINAL.md §1-2 (character-exact)."""
 
 import pytest
 
 from tinyr1.prompts import (
-    IMAGE_TOKEN_INDEX,
     R1_SUFFIX,
     SYSTEM,
     build_prompt,
@@ -13,17 +12,6 @@ from tinyr1.prompts import (
 )
 
 QUESTION = "What is the man doing?\nA. running\nB. cooking\nC. pick up\nD. sleeping\nE. singing"
-
-
-def test_constants_are_literal() -> None:
-    assert SYSTEM == (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the user's questions."
-    )
-    assert R1_SUFFIX == (
-        " Output the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags."
-    )
-    assert IMAGE_TOKEN_INDEX == -200
 
 
 def test_train_prompt_literal() -> None:

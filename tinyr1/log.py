@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -45,13 +46,12 @@ ACCURACY_KEYS = ("rewards/accuracy/mean", "accuracy")
 
 def peak_memory_bytes(device: Any) -> int:
     """Peak memory of this process on `device`: CUDA max_memory_allocated, else peak RSS."""
-    import torch
+    import torch  # heavy; `tinyr1 report` reads logs through this module and never needs it
 
     dev = torch.device(device)
     if dev.type == "cuda":
         return int(torch.cuda.max_memory_allocated(dev))
-    import resource
-    import sys
+    import resource  # Unix-only (Windows has no `resource`), so only where it is used
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes

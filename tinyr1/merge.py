@@ -18,10 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from tinyr1.errors import CheckpointError
-from tinyr1.model.loading import DTYPES, LLM_PREFIX, read_config, resolve_model_dir, weight_files
+from tinyr1.evaluate import quiet_peft
+from tinyr1.model.loading import (
+    DTYPES,
+    LLM_PREFIX,
+    load_adapter,
+    load_tinyllava,
+    read_config,
+    read_weights,
+    resolve_model_dir,
+    weight_files,
+)
 from tinyr1.model.tinyllava import TinyLlavaVideo
+from tinyr1.model.writing import write_checkpoint
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 QUANTIZED_NAMES = ("nf4", "fp4", "int4", "int8", "4bit", "8bit", "q4", "q8")
 _QUANT_KEY_MARKERS = (".absmax", ".quant_map", ".quant_state", ".nested_absmax", ".SCB", ".weight_format")
@@ -59,8 +76,6 @@ def refuse_quantized_dtype(dtype: str) -> None:
 
 def base_tensor_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor in the base files, read from the headers only."""
-    from safetensors import safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for f in weight_files(base_dir):
         with safe_open(str(f), framework="pt") as fh:
@@ -101,8 +116,6 @@ def _lora_module(key: str) -> tuple[str, str] | None:
 def check_adapter(adapter_dir: str | os.PathLike[str], base_shapes: dict[str, tuple[int, ...]],
                   base_dir: Path) -> AdapterInfo:
     """Refuse an adapter that does not fit the base: target modules absent, or shapes that differ."""
-    from safetensors import safe_open
-
     adir = Path(adapter_dir)
     cfg_file, weights = adir / "adapter_config.json", adir / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
@@ -164,8 +177,6 @@ def complete_state(state: dict[str, torch.Tensor], base_dir: Path, base_shapes: 
                    *, tied: bool) -> dict[str, torch.Tensor]:
     """Add the base tensors the loader skipped (unused vision layers, post-LN, head), unchanged,
     and check that the result has exactly the base's key names."""
-    from tinyr1.model.loading import read_weights
-
     lm_head = LLM_PREFIX + "lm_head.weight"
     extra = [k for k in state if k not in base_shapes and not (tied and k == lm_head)]
     if extra:
@@ -198,10 +209,6 @@ def merge_adapter(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Merge `adapter` into the unquantized `base` and write a release folder at `out`."""
-    from tinyr1.evaluate import quiet_peft
-    from tinyr1.model.loading import load_adapter, load_tinyllava
-    from tinyr1.model.writing import write_checkpoint
-
     refuse_quantized_dtype(dtype)
     base_dir = resolve_model_dir(str(base))
     out_dir = Path(out)
@@ -283,11 +290,6 @@ def _fmt(value: Any) -> str:
 def _training_section(run_dir: Path | None) -> list[str]:
     if run_dir is None:
         return ["No `tinyr1 train` run folder was found next to the adapter: training details unknown.", ""]
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
     cfg = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
     lines = [f"Run folder: `{run_dir}` (preset `{cfg.get('preset', '?')}`).", "", "| setting | value |", "|---|---|"]
     for section, key in CARD_CONFIG_KEYS:

@@ -3,7 +3,7 @@
 The original renders prompts with the Vicuna-style `qwen2_base` template (not ChatML) and
 tokenizes them in pieces split at `<image>` (see `tinyr1.tokenizer.tokenize_prompt`). Any
 deviation in a space or newline changes the token ids the released checkpoints were trained on,
-so every string here is a literal copied from REFERENCE.md §1-2 and tested as such.
+so every string here is a literal copied from docs/ORIGINAL.md §1-2 and tested as such.
 """
 
 from __future__ import annotations

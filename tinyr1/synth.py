@@ -1,7 +1,7 @@
 """Synthetic video QA: real H.264 clips of simple scenes whose answer is only in the pixels.
 
 This is the tiny demo's and the tests' data. Each task has a FIXED option order (a shuffled
-order left the answer letter at chance for a tiny random vision tower, DESIGN.md), balanced
+order left the answer letter at chance for a tiny random vision tower, docs/DESIGN.md), balanced
 answer letters, and a templated think text naming the evidence for the cold start. Output:
 `train.jsonl` (the paper's GRPO format), `coldstart.json` (LLaVA style), `eval.jsonl` (generic
 format, held-out clips) and `videos/`. Everything is a pure function of the seed.
@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 
+from tinyr1.errors import DataError
 from tinyr1.prompts import build_prompt, question_with_options
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -25,7 +27,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "blue": (40, 80, 230),
     "yellow": (230, 210, 40),
 }
-DEFAULT_TASKS = ("color",)  # the one a tiny random frozen tower learns (DESIGN.md, "The tiny demo")
+DEFAULT_TASKS = ("color",)  # the one a tiny random frozen tower learns (docs/DESIGN.md, "The tiny demo")
 CLIP_FPS = 8
 Render = Callable[[np.random.Generator, int, int, int], tuple[np.ndarray, dict[str, str]]]
 
@@ -167,13 +169,11 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-def encode_video(path: str | os.PathLike[str], frames: np.ndarray, fps: int = CLIP_FPS) -> None:
-    """Write uint8 [T, H, W, 3] frames as an H.264 (yuv420p) mp4 with PyAV, single-threaded so
-    the bytes depend only on the frames."""
-    import av
-
+def encode_video(path: str | os.PathLike[str], frames: np.ndarray) -> None:
+    """Write uint8 [T, H, W, 3] frames as an H.264 (yuv420p) mp4 at CLIP_FPS with PyAV,
+    single-threaded so the bytes depend only on the frames."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264", rate=CLIP_FPS)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "8", "preset": "ultrafast", "threads": "1"}
@@ -235,8 +235,6 @@ def write_synthetic(
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        from tinyr1.errors import DataError
-
         raise DataError(f"unknown synthetic task(s) {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
     if size % 2 or size < 16:
         raise ValueError(f"size must be even and >= 16 (H.264 yuv420p), got {size}")

@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, Qwen2Tokenizer
+
 from tinyr1.errors import CheckpointError
 from tinyr1.prompts import (
     EOS,
@@ -26,6 +29,7 @@ from tinyr1.prompts import (
     THINK_TAGS,
     render_sft,
 )
+from tinyr1.synth import corpus_texts
 
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer rebuilds it from vocab + merges).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -44,8 +48,6 @@ TINY_VOCAB_SIZE = 768  # BPE part (256 bytes + merges); the 5 added tokens come 
 def _tiny_corpus() -> list[str]:
     """Training text, weighted so completions (think/answer) and questions get whole-word tokens
     first; the constant system prompt is prefilled once per prompt and may stay in pieces."""
-    from tinyr1.synth import corpus_texts
-
     # The system prompt is in every prompt: whole-word tokens keep the tiny demo's sequences short.
     texts = [f"{SYSTEM} USER: ", " ASSISTANT:", SFT_SEPARATOR] * 8 + [R1_SUFFIX, R1_SUFFIX.lstrip()] * 4
     # " \n" is one token in Qwen2.5 ("ĠĊ"): learn it so tokenizing a prompt whole vs. split at
@@ -69,8 +71,6 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
     Qwen2.5), then `<think> </think> <answer> </answer>` as normal (not special) added tokens,
     each a single id that `decode(skip_special_tokens=True)` keeps.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -140,12 +140,8 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     try:
         if cls_name in ("", "Qwen2Tokenizer", "Qwen2TokenizerFast"):
             # The folder's config.json says model_type "tinyllava", which AutoTokenizer cannot map.
-            from transformers import Qwen2Tokenizer
-
             tok = Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
         else:
-            from transformers import AutoTokenizer
-
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: cannot load the tokenizer ({err})") from err

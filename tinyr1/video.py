@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import av
+import decord
 import numpy as np
 
 from tinyr1.errors import VideoError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only for preprocessing: `tinyr1 data check` decodes without importing it
     import torch
 
 SIGLIP_MEAN = 0.5
@@ -100,15 +102,13 @@ def _with_timeout(fn: Any, path: Path, timeout_s: float | None) -> Any:
 _decord_quiet = False
 
 
-def _open(path: Path, num_threads: int) -> Any:
-    import decord
-
+def _open(path: Path) -> Any:
     global _decord_quiet
     if not _decord_quiet:  # ffmpeg's own log lines would duplicate the VideoError we raise
         decord.logging.set_level(decord.logging.QUIET)
         _decord_quiet = True
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
     except Exception as err:  # decord raises RuntimeError / DECORDError with ffmpeg's message
         cause = _pyav_cause(path) or _cause(err)
         raise VideoError(f"{path}: cannot open video ({cause}); the file is corrupt or not a video") from err
@@ -117,8 +117,6 @@ def _open(path: Path, num_threads: int) -> Any:
 def _pyav_cause(path: Path) -> str | None:
     """decord only says "Error reading <file>"; PyAV's open error names the ffmpeg cause."""
     try:
-        import av
-
         with av.open(str(path)):
             return None
     except Exception as err:  # noqa: BLE001 - any failure text is the diagnosis we want
@@ -154,8 +152,6 @@ def _get_batch(reader: Any, path: Path, idx: np.ndarray) -> np.ndarray:
     except Exception as err:
         if "DECORDArrayCopyFromTo" not in str(err):
             raise
-    import av
-
     wanted = set(idx.tolist())
     found: dict[int, np.ndarray] = {}
     with av.open(str(path)) as container:
@@ -169,38 +165,21 @@ def _get_batch(reader: Any, path: Path, idx: np.ndarray) -> np.ndarray:
     return np.stack([found[i] for i in idx.tolist()])  # [T, H, W, 3]
 
 
-def probe(path: str | os.PathLike[str], *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> VideoInfo:
-    """Open a clip and read its frame count, fps and size without decoding every frame."""
-    p = Path(path)
-    _check_file(p)
-
-    def work() -> VideoInfo:
-        reader = _open(p, 1)
-        total, fps = _count_and_fps(reader, p)
-        try:
-            first = _get_batch(reader, p, np.zeros(1, dtype=np.int64))[0]  # [H, W, 3]
-        except Exception as err:
-            raise VideoError(f"{p}: cannot decode the first frame ({_cause(err)}); the file is corrupt") from err
-        return VideoInfo(p, total, fps, int(first.shape[1]), int(first.shape[0]))
-
-    return _with_timeout(work, p, timeout_s)
-
-
 def decode_frames(
     path: str | os.PathLike[str],
     num_frames: int,
     *,
     fps: float | None = None,
     max_frames: int | None = None,
-    num_threads: int = 0,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> tuple[np.ndarray, np.ndarray, VideoInfo]:
-    """Decode the sampled frames: (uint8 frames [T, H, W, 3], indices [T], info)."""
+    """Decode the sampled frames: (uint8 frames [T, H, W, 3], indices [T], info); a decoder that
+    runs longer than `timeout_s` (None: no limit) is abandoned with a VideoError."""
     p = Path(path)
     _check_file(p)
 
     def work() -> tuple[np.ndarray, np.ndarray, VideoInfo]:
-        reader = _open(p, num_threads)
+        reader = _open(p)
         total, video_fps = _count_and_fps(reader, p)
         idx = sample_indices(total, num_frames, fps=fps, max_frames=max_frames, video_fps=video_fps)
         try:
@@ -222,7 +201,7 @@ def preprocess(frames: np.ndarray | torch.Tensor, image_size: int) -> torch.Tens
     (PIL's a = -0.5 kernel, which torch's antialias path uses), rounded to uint8 levels as PIL
     does, then x/255 and (x - 0.5) / 0.5. A frame that is already S x S is not resampled.
     """
-    import torch
+    import torch  # heavy; imported here so decoding alone (`tinyr1 data check`) never loads it
     import torch.nn.functional as F
 
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
@@ -245,8 +224,7 @@ def load_frames(
     *,
     fps: float | None = None,
     max_frames: int | None = None,
-    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
     """Decode, sample and preprocess one clip: float32 [T, 3, S, S], ready for the vision tower."""
-    frames, _, _ = decode_frames(path, num_frames, fps=fps, max_frames=max_frames, timeout_s=timeout_s)
+    frames, _, _ = decode_frames(path, num_frames, fps=fps, max_frames=max_frames)
     return preprocess(frames, image_size)  # [T, 3, S, S]
