@@ -1,24 +1,35 @@
 """Fused linear log-prob (torch path and Triton kernels under the interpreter) against float64 loops.
 
-Shapes are small and odd (not multiples of any tile); every test draws fresh random inputs and
-reports its seed. Errors are norm-wise relative: ||x - ref|| / ||ref||.
+Shapes are small and odd (not multiples of any tile); inputs come from fixed seeds. Errors are
+norm-wise relative: ||x - ref|| / ||ref||. The Triton and liger tests skip, saying so, when the
+optional packages (`pip install "tinyr1[kernels]"`) are not installed.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from tinyr1.cli import main
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.kernels import apply_liger, resolve_backend, token_logprobs
-from tinyr1.kernels.liger import _patch_instance
 from tinyr1.kernels.logprob import naive_token_logprobs
 from tinyr1.memory_measure import LiveTensorBytes
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 N, H, V = 37, 45, 301
+NO_TRITON = "the Triton kernels need the optional triton package (pip install 'tinyr1[kernels]')"
+NO_LIGER = "the liger patches need the optional liger-kernel package (pip install 'tinyr1[kernels]')"
+
+
+def _needs(backend: str) -> None:
+    """Skip (with the reason) a Triton case when triton is not installed; torch always runs."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason=NO_TRITON)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,10 +47,11 @@ def _reference(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, temperature: f
     return torch.stack(logps), torch.stack(ents)
 
 
-def _inputs(dtype: torch.dtype, n: int = N, hdim: int = H, vocab: int = V) -> tuple[torch.Tensor, ...]:
-    h = torch.randn(n, hdim).to(dtype)  # [N, H]
-    w = (torch.randn(vocab, hdim) * 0.3).to(dtype)  # [V, H]
-    t = torch.randint(0, vocab, (n,))  # [N]
+def _inputs(dtype: torch.dtype, n: int = N, hdim: int = H, vocab: int = V, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hdim, generator=gen).to(dtype)  # [N, H]
+    w = (torch.randn(vocab, hdim, generator=gen) * 0.3).to(dtype)  # [V, H]
+    t = torch.randint(0, vocab, (n,), generator=gen)  # [N]
     return h, w, t
 
 
@@ -50,10 +62,11 @@ def _loss(lp: torch.Tensor, ent: torch.Tensor, g_lp: torch.Tensor | None, g_ent:
 
 
 def _check(backend: str, dtype: torch.dtype, temperature: float, g_lp_on: bool, g_ent_on: bool,
-           weight_grad: bool = False, **kw: object) -> None:
-    seed = torch.seed()
-    h, w, t = _inputs(dtype)
-    g_lp, g_ent = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+           weight_grad: bool = False, seed: int = 0, **kw: object) -> None:
+    _needs(backend)
+    h, w, t = _inputs(dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    g_lp, g_ent = torch.randn(N, dtype=torch.float64, generator=gen), torch.randn(N, dtype=torch.float64, generator=gen)
     h64 = h.double().requires_grad_()
     w64 = w.double().requires_grad_(weight_grad)
     lp_ref, ent_ref = _reference(h64, w64, t, temperature)
@@ -62,7 +75,7 @@ def _check(backend: str, dtype: torch.dtype, temperature: float, g_lp_on: bool, 
 
     h_in, w_in = h.clone().requires_grad_(), w.clone().requires_grad_(weight_grad)
     if kw.get("splits"):
-        from tinyr1.kernels.logprob_triton import triton_token_logprobs
+        from tinyr1.kernels.logprob_triton import triton_token_logprobs  # optional: imports triton
 
         lp, ent = triton_token_logprobs(h_in, w_in, t, temperature, True, kw.get("chunk_size"), kw["splits"])
     else:
@@ -107,18 +120,20 @@ def test_triton_vocab_splits_combine(splits: int, chunk_size: int) -> None:
     _check("triton", torch.float32, 0.6, g_lp_on=True, g_ent_on=True, splits=splits, chunk_size=chunk_size)
 
 
-def test_no_grad_int32_targets_and_no_entropy() -> None:
-    h, w, t = _inputs(torch.float32)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_int32_targets_and_no_entropy(backend: str) -> None:
+    _needs(backend)
+    h, w, t = _inputs(torch.float32, seed=1)
     lp_ref, _ = _reference(h.double(), w.double(), t, 1.1)
     with torch.no_grad():
-        for backend in ("torch", "triton"):
-            lp, ent = token_logprobs(h, w, t.int(), 1.1, backend=backend)  # type: ignore[arg-type]
-            assert ent is None
-            assert _rel(lp, lp_ref) < 1e-5, backend
+        lp, ent = token_logprobs(h, w, t.int(), 1.1, backend=backend)  # type: ignore[arg-type]
+    assert ent is None
+    assert _rel(lp, lp_ref) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_tokens(backend: str) -> None:
+    _needs(backend)
     h, w, t = _inputs(torch.float32, n=0)
     h.requires_grad_()
     lp, ent = token_logprobs(h, w, t, with_entropy=True, backend=backend)  # type: ignore[arg-type]
@@ -130,7 +145,7 @@ def test_zero_tokens(backend: str) -> None:
 def test_torch_path_never_holds_tokens_by_vocab() -> None:
     """Peak live bytes of forward + backward stay far below one [N, V] fp32 tensor (naive holds several)."""
     n, vocab = 64, 40_000
-    h, w, t = _inputs(torch.float32, n=n, hdim=32, vocab=vocab)
+    h, w, t = _inputs(torch.float32, n=n, hdim=32, vocab=vocab, seed=2)
     full = n * vocab * 4
     peaks = {}
     for name in ("naive", "torch"):
@@ -147,15 +162,27 @@ def test_torch_path_never_holds_tokens_by_vocab() -> None:
     assert peaks["torch"] < full / 10, peaks
 
 
-def test_resolve_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_backend() -> None:
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(ConfigError, match='"auto", "triton", "torch"'):
+        resolve_backend("cuda", "cpu")
+
+
+def test_triton_backend_on_cpu_only_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton", reason=NO_TRITON)
     assert resolve_backend("triton", "cpu") == "triton"  # the interpreter is on (conftest)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(DeviceError, match="needs CUDA"):
         resolve_backend("triton", "cpu")
-    with pytest.raises(ConfigError, match='"auto", "triton", "torch"'):
-        resolve_backend("cuda", "cpu")
+
+
+def test_without_triton_auto_falls_back_and_triton_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if triton were not installed
+    assert resolve_backend("auto", "cuda") == "torch"  # kernels = "auto" never needs the extra
+    with pytest.raises(DeviceError, match=r"triton package is not installed.*tinyr1\[kernels\]"):
+        resolve_backend("triton", "cuda")
 
 
 def test_bad_inputs_are_reported() -> None:
@@ -166,19 +193,25 @@ def test_bad_inputs_are_reported() -> None:
         token_logprobs(h[:, :-1], w, t)
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(h, w, t, 0.0)
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        token_logprobs(h, w, t, chunk_size=0)
+
+
+def test_triton_tile_must_be_a_power_of_two() -> None:
+    pytest.importorskip("triton", reason=NO_TRITON)
+    h, w, t = _inputs(torch.float32)
     with pytest.raises(ValueError, match="power of two"):
         token_logprobs(h, w, t, backend="triton", chunk_size=48)
 
 
-def _tiny_qwen2(device: str) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def _tiny_qwen2(device: str, seed: int = 0) -> torch.nn.Module:
     cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = Qwen2ForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.2)  # RMSNorm weights too, so a wrong norm shows
+            p.normal_(0.0, 0.2, generator=gen)  # RMSNorm weights too, so a wrong norm shows
     return model.to(device)
 
 
@@ -189,42 +222,39 @@ def test_apply_liger_does_nothing_on_cpu() -> None:
     assert [type(m).__name__ for m in model.modules()] == before
 
 
-def test_liger_patch_swaps_modules_of_this_instance_only() -> None:
-    model = _tiny_qwen2("cpu")
-    untouched = _tiny_qwen2("cpu")
-    keys = list(model.state_dict())
-    params = {id(p) for p in model.parameters()}
-    assert _patch_instance(model) == (5, 2)  # 2 norms x 2 layers + final norm; 2 MLPs
-    names = [type(m).__name__ for m in model.modules()]
-    assert names.count("LigerRMSNorm") == 5 and names.count("_LigerSwiGLUMLP") == 2
-    assert "Qwen2RMSNorm" not in names and "Qwen2MLP" not in names
-    assert list(model.state_dict()) == keys  # checkpoints stay loadable
-    assert {id(p) for p in model.parameters()} == params  # same Parameters: optimizer/LoRA unaffected
-    assert "LigerRMSNorm" not in [type(m).__name__ for m in untouched.modules()]
-    model.config.model_type = "llama"
-    with pytest.raises(ValueError, match="Qwen2"):
-        _patch_instance(model)
-
-
 @pytest.mark.gpu
-def test_liger_patched_model_matches_on_cuda() -> None:
+def test_liger_patches_this_instance_only_and_matches_on_cuda() -> None:
+    pytest.importorskip("liger_kernel", reason=NO_LIGER)
     model = _tiny_qwen2("cuda")
     fused = copy.deepcopy(model)
+    keys = list(fused.state_dict())
+    params = {id(p) for p in fused.parameters()}
     assert apply_liger(fused) is True
-    ids = torch.randint(0, 97, (3, 17), device="cuda")
+    names = [type(m).__name__ for m in fused.modules()]
+    assert names.count("LigerRMSNorm") == 5 and names.count("_LigerSwiGLUMLP") == 2  # 2 x 2 norms + final; 2 MLPs
+    assert "Qwen2RMSNorm" not in names and "Qwen2MLP" not in names
+    assert list(fused.state_dict()) == keys  # checkpoints stay loadable
+    assert {id(p) for p in fused.parameters()} == params  # same Parameters: optimizer/LoRA unaffected
+    assert "LigerRMSNorm" not in [type(m).__name__ for m in model.modules()]  # the copy is untouched
+    ids = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(1)).cuda()
     ref, out = model(ids).logits, fused(ids).logits
     assert _rel(out, ref.double()) < 1e-4
     ref.square().sum().backward()
     out.square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
         assert _rel(q.grad, p.grad.double()) < 1e-3, name
+    llama = _tiny_qwen2("cuda")
+    llama.config.model_type = "llama"
+    with pytest.raises(ValueError, match="Qwen2"):
+        apply_liger(llama)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_on_cuda_matches_reference(dtype: torch.dtype) -> None:
-    h, w, t = (x.cuda() for x in _inputs(dtype, n=300, hdim=256, vocab=5003))
-    g = torch.randn(300, device="cuda", dtype=torch.float64)
+    pytest.importorskip("triton", reason=NO_TRITON)
+    h, w, t = (x.cuda() for x in _inputs(dtype, n=300, hdim=256, vocab=5003, seed=3))
+    g = torch.randn(300, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).cuda()
     h64 = h.double().requires_grad_()
     z = (h64 @ w.double().t()) / 0.8
     lp_ref = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
@@ -236,8 +266,6 @@ def test_triton_on_cuda_matches_reference(dtype: torch.dtype) -> None:
 
 
 def test_cli_bench_kernels_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    from tinyr1.cli import main
-
     assert main(["bench"]) == 2
     assert main(["bench", "kernels", "--tokens", "19", "--hidden", "8", "--vocab", "333", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """benchmarks/vs_trl.py at a micro size: both frameworks run, on matched prompts and completions.
 
-Speed and memory are never asserted (DESIGN.md); what is checked is that the comparison is a fair
+Speed and memory are never asserted (docs/DESIGN.md); what is checked is that the comparison is a fair
 one: equal prompt and completion token counts in both frameworks, finite positive timings whose
 parts add up, memory numbers present, and the text prompt matched to the exact token count.
 """
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vs_trl.py"
@@ -31,8 +33,6 @@ def _module():  # benchmarks/ is not a package
 
 @pytest.mark.parametrize("total", [120, 157, 300])
 def test_matched_text_prompt_has_exact_length(tmp_path: Path, total: int) -> None:
-    from tinyr1.tokenizer import build_tiny_tokenizer, load_tokenizer
-
     vs = _module()
     build_tiny_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
@@ -42,6 +42,8 @@ def test_matched_text_prompt_has_exact_length(tmp_path: Path, total: int) -> Non
 
 
 def test_both_frameworks_one_step(tmp_path: Path) -> None:
+    pytest.importorskip("trl", reason="the comparison runs TRL's GRPOTrainer: needs the optional trl package "
+                                      "(pip install 'tinyr1[dev]')")
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(SCRIPT), "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
            "--vocab", "1024", "--frames", "4", "--video-tokens", "16", "-G", "4", "--micro-batch", "2",

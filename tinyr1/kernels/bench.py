@@ -91,10 +91,11 @@ def time_step(step: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...
     return time.perf_counter() - t0
 
 
-def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device,
-                seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Hidden states [N, H] (requires grad), a frozen lm_head [V, H] at Qwen-like scale, targets, upstream grads."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Hidden states [N, H] (requires grad), a frozen lm_head [V, H] at Qwen-like scale, targets,
+    upstream grads; seeded, so every run (and every method) times the same numbers."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()  # [N, H]
     w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(device=device, dtype=dtype)  # [V, H]
     targets = torch.randint(0, vocab, (tokens,), generator=gen).to(device)  # [N]

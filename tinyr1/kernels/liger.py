@@ -1,4 +1,4 @@
-"""liger-kernel's fused RMSNorm / SwiGLU (and optionally RoPE) on one Qwen2 model instance, CUDA only.
+"""liger-kernel's fused RMSNorm and SwiGLU on one Qwen2 model instance, CUDA only.
 
 Why instance-level module swaps instead of `apply_liger_kernel_to_qwen2(model=...)`: that function
 also rebinds `Qwen2RMSNorm`, `Qwen2MLP` and `apply_rotary_pos_emb` inside transformers' qwen2
@@ -10,8 +10,8 @@ would run liger's Triton kernels too. Here only the given instance changes:
 - each decoder `mlp` becomes `_LigerSwiGLUMLP`, which keeps the original gate/up/down projections
   (plain, 4-bit or LoRA-wrapped alike) and fuses silu(gate) * up with liger's `liger_swiglu`.
 
-RoPE is applied inside transformers' attention through a module-level function, so the only public
-way to fuse it is liger's process-wide swap; `rope=True` opts into that explicitly.
+RoPE is not fused: transformers applies it through a module-level function, so the only public way
+to fuse it is liger's process-wide swap, which this module exists to avoid.
 """
 
 from __future__ import annotations
@@ -80,21 +80,15 @@ def _patch_instance(model: nn.Module) -> tuple[int, int]:
     return norms, mlps
 
 
-def apply_liger(model_llm: nn.Module, *, rope: bool = False) -> bool:
+def apply_liger(model_llm: nn.Module) -> bool:
     """Fuse RMSNorm and SwiGLU of this Qwen2ForCausalLM-like instance with liger-kernel, on CUDA.
 
-    Returns False and changes nothing when the model is not on CUDA or liger is missing. `rope=True`
-    also routes RoPE through liger (process-wide for all Qwen2 models; see the module docstring).
-    Call it once, before or after LoRA wrapping; the lm_head is untouched (log-probs use
+    Returns False and changes nothing when the model is not on CUDA or liger is missing. Call it
+    once, before or after LoRA wrapping; the lm_head is untouched (log-probs use
     `tinyr1.kernels.token_logprobs`).
     """
     param = next(model_llm.parameters(), None)
     if param is None or param.device.type != "cuda" or not liger_available():
         return False
     norms, mlps = _patch_instance(_unwrap(model_llm))
-    if rope:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-        apply_liger_kernel_to_qwen2(rope=True, cross_entropy=False, fused_linear_cross_entropy=False,
-                                    rms_norm=False, swiglu=False)
     return norms + mlps > 0
