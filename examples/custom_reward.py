@@ -20,10 +20,11 @@ with a message naming it (a silently broken reward would train on noise).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+from tinyr1.answers import think_text  # the <think> reading the built-in rewards use
+from tinyr1.rewards import compute_rewards, resolve_rewards
+
 SHORTEST, LONGEST = 20, 400  # characters of reasoning that earn the full reward
 
 
@@ -33,11 +34,11 @@ def concise_think(completions: list[str], **columns: Any) -> list[float]:
     the paper's format reward (which pays up to 1200 characters) can cause on a small model."""
     scores = []
     for text in completions:
-        m = _THINK.search(text)
-        if m is None:
+        think = think_text(text)
+        if think is None:
             scores.append(0.0)
             continue
-        n = len(m.group(1).strip())
+        n = len(think)
         if n < SHORTEST:
             scores.append(n / SHORTEST)
         elif n <= LONGEST:
@@ -56,18 +57,16 @@ def names_the_answer(completions: list[str], answer: list[str], options: list[An
     out = []
     for i, text in enumerate(completions):
         opts = options[i] if options is not None else None
-        m = _THINK.search(text)
-        if m is None or not opts:
+        think = think_text(text)
+        if think is None or not opts:
             out.append(0.0)
             continue
         correct = str(opts[ord(answer[i]) - ord("A")]).lower()
-        out.append(1.0 if correct in m.group(1).lower() else 0.0)
+        out.append(1.0 if correct in think.lower() else 0.0)
     return out
 
 
 if __name__ == "__main__":
-    from tinyr1.rewards import compute_rewards, resolve_rewards
-
     completions = [
         "<think>The square is red in every frame. Red is option A.</think> <answer>A</answer>",
         "<think>hm</think> <answer>B</answer>",
