@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from tinyr1.cli import main
 from tinyr1.config_io import load_config
@@ -125,4 +124,3 @@ def test_bad_steps_is_a_clear_error(capsys) -> None:
     assert "--steps must be at least 1" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--layers", "0"]) == 2
     assert "--layers must be at least 1" in capsys.readouterr().err
-    assert torch.get_num_threads() == 1

@@ -125,6 +125,7 @@ def _graph_nodes(t: torch.Tensor) -> set[str]:
 def test_update_dispatches_to_the_configured_kernel(assets: Path, tmp_path: Path) -> None:
     """`model.kernels` reaches the GRPO update: "triton" runs tinyr1's Triton kernels (under the
     interpreter here), "torch" the chunked torch path, and both make the same update."""
+    pytest.importorskip("triton", reason="the triton backend needs the triton package (the kernels extra)")
     from io import StringIO
 
     from rich.console import Console
@@ -183,3 +184,14 @@ def test_signal_during_an_evaluation_keeps_the_step(assets: Path, tmp_path: Path
     assert evaluated == [2] and state.step == 2
     assert latest_checkpoint(tmp_path / "run").name == "step-000002"
     assert signal.getsignal(signal.SIGTERM) == handler  # the loop's handler is gone again
+
+
+def test_liger_on_without_liger_kernel_is_refused_before_loading(assets: Path, tmp_path: Path, monkeypatch) -> None:
+    from tinyr1 import context
+    from tinyr1.errors import DeviceError
+
+    cfg = _cfg(assets, tmp_path / "run")
+    cfg = replace(cfg, model=replace(cfg.model, liger="on", path=str(tmp_path / "no-model-here")))  # a CUDA config
+    monkeypatch.setattr(context, "liger_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"pip install 'tinyr1\[kernels\]'"):
+        context.build_model(cfg)

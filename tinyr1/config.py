@@ -48,7 +48,7 @@ class ModelConfig:
         "auto", "fused log-prob kernel: triton on CUDA, torch reference; auto picks"
     )
     liger: Literal["auto", "on", "off"] = _f(
-        "auto", "Liger RMSNorm/RoPE/SwiGLU kernels in the LLM; auto = on when CUDA + liger-kernel"
+        "auto", "Liger RMSNorm/SwiGLU kernels in the LLM; auto = on when CUDA + liger-kernel"
     )
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "where to run; auto = cuda when available, else cpu")
 
@@ -199,7 +199,6 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    every: int = _f(1, "write metrics every N steps", ge=1)
     completions_every: int = _f(
         10, "write sample completions to completions.jsonl every N steps (0 = never)", ge=0
     )

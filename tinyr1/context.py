@@ -14,7 +14,9 @@ import torch
 
 from tinyr1.config import Config
 from tinyr1.data import Sample, load_dataset
-from tinyr1.kernels import apply_liger, resolve_backend
+from tinyr1.errors import DeviceError
+from tinyr1.hf_compat import quiet_peft
+from tinyr1.kernels import apply_liger, liger_available, resolve_backend
 from tinyr1.model.loading import add_lora, load_tinyllava, prepare_for_training, trainable_parameters
 from tinyr1.model.tinyllava import TinyLlavaVideo
 from tinyr1.optim import make_optimizer, make_scheduler
@@ -60,10 +62,15 @@ def build_context(cfg: Config, *, total_steps: int) -> Context:
 def build_model(cfg: Config) -> tuple[TinyLlavaVideo, Any]:
     """Load the checkpoint (NF4 when configured), add LoRA, freeze the rest: (model, tokenizer)."""
     m = cfg.model
+    if m.liger == "on" and not liger_available():  # refuse before loading any weights
+        raise DeviceError("model.liger = \"on\" needs liger-kernel: pip install 'tinyr1[kernels]' "
+                          "(or set model.liger = \"auto\" to run unfused without it)")
     loaded = load_tinyllava(m.path, quant=m.quant, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
     if m.liger == "on" or (m.liger == "auto" and loaded.model.device.type == "cuda"):
         apply_liger(loaded.model.llm)
-    add_lora(loaded.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
+    with quiet_peft():
+        add_lora(loaded.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                 target_modules=cfg.lora.target_modules)
     prepare_for_training(loaded.model, train_connector=m.train_connector, gradient_checkpointing=m.gradient_checkpointing)
     return loaded.model, loaded.tokenizer
 

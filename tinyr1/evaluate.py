@@ -10,9 +10,7 @@ never a random letter (the original eval scripts draw one, which inflates accura
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +19,7 @@ from transformers.generation import BaseStreamer
 
 from tinyr1.answers import answer_letter, think_text
 from tinyr1.errors import VideoError
+from tinyr1.hf_compat import quiet_peft
 from tinyr1.loss import completion_mask
 from tinyr1.model.loading import LoadedModel, load_adapter, load_tinyllava
 from tinyr1.model.tinyllava import TinyLlavaVideo
@@ -237,15 +236,6 @@ def answer_question(
         ids = ids[: ids.index(eos)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return text, answer_letter(text, len(options) if options else None)
-
-
-@contextlib.contextmanager
-def quiet_peft() -> Iterator[None]:
-    """PEFT asks transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on >= 5.2x):
-    noise for users of `eval`/`generate`/`merge`, where nothing trains."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def load_for_inference(

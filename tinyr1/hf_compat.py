@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,3 +64,12 @@ def decode_repeats_kv() -> bool:
     from transformers.integrations import sdpa_attention
 
     return not hasattr(sdpa_attention, "pack_gqa")
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT asks transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on >= 5.2x)
+    when it wraps or loads an adapter: noise for users, who cannot act on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

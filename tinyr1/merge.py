@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from tinyr1.errors import CheckpointError
-from tinyr1.evaluate import quiet_peft
+from tinyr1.hf_compat import quiet_peft
 from tinyr1.model.loading import (
     DTYPES,
     LLM_PREFIX,
