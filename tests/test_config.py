@@ -226,7 +226,8 @@ def test_base_inheritance_and_loops(tmp_path: Path) -> None:
     )
     (tmp_path / "b.toml").write_text('base = "a.toml"\n[lora]\nr = 4\n')
     cfg = load_config(str(tmp_path / "b.toml"))
-    assert (cfg.lora.r, cfg.rollout.max_new_tokens, cfg.rollout.num_generations) == (4, 100, 4)
+    inherited = load_config("12gb").rollout.num_generations  # untouched by a.toml and b.toml
+    assert (cfg.lora.r, cfg.rollout.max_new_tokens, cfg.rollout.num_generations) == (4, 100, inherited)
     assert cfg.rewards.weights == {"r1": 1.0, "format": 0.5} and cfg.preset == "b"
     (tmp_path / "a.toml").write_text('base = "b.toml"\n')
     with pytest.raises(ConfigError, match="`base` forms a loop"):

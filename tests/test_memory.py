@@ -17,7 +17,20 @@ from tinyr1.cli import main
 from tinyr1.config_io import load_config
 from tinyr1.errors import ConfigError
 from tinyr1.hf_compat import decode_repeats_kv
-from tinyr1.memory import GiB, advise, check_fits, estimate, need_bytes, verdict, weight_lines
+from tinyr1.memory import (
+    PRESET_BUDGET,
+    GiB,
+    advise,
+    arch_for_config,
+    auto_preset,
+    check_fits,
+    estimate,
+    gpu_presets,
+    need_bytes,
+    nominal_gpu_gb,
+    verdict,
+    weight_lines,
+)
 from tinyr1.memory_arch import Arch, RunShape
 from tinyr1.memory_measure import LiveTensorBytes, measure_phases, module_bytes, tensor_bytes
 from tinyr1.model.loading import add_lora, prepare_for_training, quantize_llm_nf4, trainable_parameters
@@ -166,3 +179,91 @@ def test_train_refuses_before_loading_weights(tmp_path, monkeypatch, capsys) -> 
     err = capsys.readouterr().err
     assert "does not fit" in err and "--no-check" in err
     assert not any(tmp_path.iterdir()), "nothing may be written before the check"
+
+
+# ---------------------------------------------------------------- GPU presets and --preset auto
+
+
+def _need(name: str, overrides: list[str] | None = None) -> int:
+    cfg = load_config(name, overrides)
+    return need_bytes(estimate(arch_for_config(cfg), RunShape.from_config(cfg)))
+
+
+def test_gpu_presets_are_the_four_cards_largest_first() -> None:
+    assert gpu_presets() == ["24gb", "16gb", "12gb", "8gb"]
+
+
+@pytest.mark.parametrize("name", gpu_presets())
+def test_gpu_preset_needs_at_most_75_percent_of_its_card(name: str) -> None:
+    """The presets are sized with 25% headroom until the planner is measured on a GPU."""
+    card = int(nominal_gpu_gb(name) * GiB)  # type: ignore[operator]
+    need = _need(name)
+    assert need <= PRESET_BUDGET * card, f"{name}: needs {need / GiB:.2f} GiB, {need / card:.0%} of its card"
+    check_fits(load_config(name), card)  # and `tinyr1 train`'s own check agrees
+
+
+@pytest.mark.parametrize("name", gpu_presets())
+def test_gpu_presets_keep_the_papers_group_frames_tokens_connector_kl_and_noise(name: str) -> None:
+    c = load_config(name)
+    assert (c.rollout.num_generations, c.video.num_frames, c.rollout.max_new_tokens) == (8, 16, 512)
+    assert c.model.train_connector and (c.grpo.beta, c.grpo.noise_std, c.grpo.kl_clamp) == (0.01, 0.02, 100.0)
+    assert (c.rollout.temperature, c.rollout.top_k, c.grpo.num_iterations) == (1.0, 50, 1)
+
+
+@pytest.mark.parametrize("card_gib,want", [
+    (8, "8gb"), (12, "12gb"), (16, "16gb"), (24, "24gb"), (80, "24gb"),
+    (15.0, "16gb"),  # a T4 reports 15 GiB
+    (22.5, "24gb"),  # an A10 / L4 reports ~22.5 GiB
+    (7.9, "8gb"),  # a little under the 8gb preset's 75%: the largest that still 'fits'
+])
+def test_auto_preset_picks_the_largest_gpu_preset_the_planner_fits(card_gib: float, want: str) -> None:
+    card = int(card_gib * GiB)
+    name, reasons = auto_preset(card)
+    assert name == want, reasons
+    tried = gpu_presets()[: gpu_presets().index(want) + 1]  # every larger preset was tried first
+    assert [r.split()[0] for r in reasons] == tried
+    assert reasons[-1].endswith("-> chosen") and f"{_need(want) / GiB:.2f} GiB" in reasons[-1]
+    for line, larger in zip(reasons[:-1], tried[:-1]):
+        assert "does not fit" in line or "tight" in line or "but above" in line, line
+        assert _need(larger) > PRESET_BUDGET * card
+    assert ("but above" in reasons[-1]) == (_need(want) > PRESET_BUDGET * card)
+
+
+def test_auto_preset_none_when_too_small_and_overrides_count() -> None:
+    name, reasons = auto_preset(4 * GiB)
+    assert name is None and len(reasons) == len(gpu_presets())
+    assert all(r.endswith("does not fit") for r in reasons)
+    # the user's --set values are planned too: 64 completions per prompt fit no preset on 16 GiB...
+    assert auto_preset(16 * GiB, ["rollout.num_generations=64"])[0] is None
+    # ...and a cheaper run lets a 12 GiB card take a larger preset
+    assert auto_preset(12 * GiB, ["rollout.max_new_tokens=128"])[0] == "16gb"
+
+
+class _FakeProps:
+    name = "NVIDIA GeForce RTX 4090"
+    total_memory = 24 * GiB
+
+
+def test_preset_auto_in_plan_and_train(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--preset", "auto", "--gpu-gb", "12"]) == 0  # a given card: no GPU needed
+    out = capsys.readouterr().out
+    assert "auto: 12.0 GiB (given): 12gb needs 8.55 GiB (71%): fits" in out and "24gb needs" in out
+    assert "fits: needs 8.55 GiB of a 12 GiB card" in out
+    assert main(["plan", "--preset", "auto", "--gpu-gb", "4"]) == 2
+    assert "no GPU preset fits 4.0 GiB" in capsys.readouterr().err
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["plan", "--preset", "auto"], ["train", "--preset", "auto"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no CUDA GPU" in err and "--preset tiny" in err, err
+    assert not any(tmp_path.iterdir()), "nothing may be written"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _i: _FakeProps())
+    assert main(["plan", "--preset", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "auto: NVIDIA GeForce RTX 4090, 24.0 GiB: 24gb needs 16.14 GiB (67%): fits" in out
+    assert "fits: needs 16.14 GiB of a 24 GiB card" in out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tinyr1.config import Config
+from tinyr1.config_io import list_presets, load_config
 from tinyr1.errors import ConfigError
 from tinyr1.memory_arch import (
     ADAPTER,
@@ -38,6 +39,7 @@ from tinyr1.memory_arch import (
 from tinyr1.memory_phases import rollout_moments, update_moments
 
 GiB = 1024**3
+PRESET_BUDGET = 0.75  # a GPU preset needs at most this share of its card: headroom until GPU-measured
 
 
 @dataclass(frozen=True)
@@ -110,16 +112,18 @@ def weight_lines(arch: Arch, run: RunShape) -> list[Line]:
     lora_b = sum(lora) * ADAPTER
     conn = connector_params(arch)
     numels = lora + (connector_tensors(arch) if run.train_connector else [])
-    opt = optimizer_bytes(lora + (connector_tensors(arch) if run.train_connector else []), ADAPTER, run.optimizer)
-    if run.train_connector and run.optimizer == "adamw":  # torch AdamW states take the parameter's dtype
-        opt += 2 * connector_params(arch) * (c - ADAPTER)
-    grads = lora_b + (conn * c if run.train_connector else 0)
+    opt = optimizer_bytes(numels, ADAPTER, run.optimizer)  # every trainable weight is an fp32 master weight
+    conn_b = conn * (ADAPTER if run.train_connector else c)
+    grads = lora_b + (conn * ADAPTER if run.train_connector else 0)
+    reference = conn * c if run.train_connector and run.beta > 0 else 0  # frozen initial connector (KL)
     return [
         Line("LLM decoder linears", "weights", llm, llm, note),
         Line("embeddings / lm_head", "weights", emb, emb, "tied: one matrix" if arch.tied else "two matrices"),
         Line("vision tower (frozen)", "weights", vision_bytes(arch, c), vision_bytes(arch, c),
              f"{arch.vision_layers} SigLIP layers that run"),
-        Line("connector", "weights", conn * c, conn * c, "trained" if run.train_connector else "frozen"),
+        Line("connector", "weights", conn_b, conn_b, "trained, fp32 master weights" if run.train_connector else "frozen"),
+        *([Line("reference connector", "weights", reference, reference, "frozen copy of the initial connector")]
+          if reference else []),
         Line("LoRA weights", "weights", lora_b, lora_b, f"r={run.lora_r}, fp32"),
         Line("gradients", "state", None, grads, "LoRA fp32" + (" + connector" if run.train_connector else "")),
         Line("optimizer states", "state", opt, opt,
@@ -276,3 +280,40 @@ def check_fits(cfg: Config, gpu_bytes: int, prompt_tokens: int = 160) -> Estimat
         f"for a {gib(gpu_bytes)} card. Cheapest changes that fit with {MARGIN:.0%} margin: {advice}. "
         f"See `tinyr1 plan --preset {cfg.preset}` for the table; --no-check skips this check."
     )
+
+
+def gpu_presets() -> list[str]:
+    """Names of the presets made for a card size ('24gb', '16gb', ...), largest card first."""
+    sized = [(nominal_gpu_gb(name), name) for name, _ in list_presets()]
+    return [name for gb, name in sorted((x for x in sized if x[0] is not None), reverse=True)]
+
+
+def auto_preset(gpu_bytes: int, overrides: list[str] | tuple[str, ...] = (),
+                prompt_tokens: int = 160) -> tuple[str | None, list[str]]:
+    """The largest GPU preset for a card of `gpu_bytes`, and one line per preset tried saying why.
+
+    Pure arithmetic (no GPU needed): each preset, with `overrides` applied, is planned as `tinyr1
+    plan` plans it. The first (largest) whose need stays within PRESET_BUDGET of the card wins, the
+    headroom the presets are sized with; failing that, the largest the planner says 'fits' (within
+    1 - MARGIN), for cards a little smaller than their nominal size. None when nothing fits.
+    """
+    tried: list[tuple[str, int]] = []
+    for name in gpu_presets():
+        cfg = load_config(name, list(overrides))
+        tried.append((name, need_bytes(estimate(arch_for_config(cfg), RunShape.from_config(cfg, prompt_tokens)))))
+    chosen = next((n for n, need in tried if need <= PRESET_BUDGET * gpu_bytes), None)
+    if chosen is None:
+        chosen = next((n for n, need in tried if verdict(need, gpu_bytes) == "fits"), None)
+    reasons = []
+    for name, need in tried:
+        share = f"{name} needs {gib(need)} ({need / gpu_bytes:.0%})"
+        if need <= PRESET_BUDGET * gpu_bytes:
+            why = f"fits, within the {PRESET_BUDGET:.0%} presets are sized for"
+        elif verdict(need, gpu_bytes) == "fits":
+            why = f"fits, but above the {PRESET_BUDGET:.0%} presets are sized for"
+        else:
+            why = verdict(need, gpu_bytes)  # 'tight' or 'does not fit'
+        reasons.append(f"{share}: {why}" + (" -> chosen" if name == chosen else ""))
+        if name == chosen:
+            break
+    return chosen, reasons

@@ -9,6 +9,10 @@ same check and refuses a preset that cannot fit.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 ORDER = 15
 
@@ -21,6 +25,10 @@ examples:
   tinyr1 plan --preset 24gb --gpu-gb 16 --set rollout.max_new_tokens=384
       would the 24 GB recipe fit a 16 GB card with shorter completions?
   tinyr1 plan --config my.toml --gpu-gb 11 --prompt-tokens 220
+  tinyr1 plan --preset auto
+      the largest GPU preset that fits this machine's GPU, and why
+  tinyr1 plan --preset auto --gpu-gb 12
+      the same choice for a 12 GiB card (no GPU needed)
 
 How to read it: each phase's peak is the largest of a few moments (rollout: encode a video,
 prefill, decode; update: log-prob forward/backward, backward through one checkpointed layer,
@@ -29,6 +37,10 @@ torch.cuda.max_memory_allocated reports) plus two modelled overheads: allocator 
 (~12%) and the CUDA context (~0.5 GiB). "fits" leaves 10% of the card free (display, other
 processes). Completions are assumed to run to max_new_tokens (the worst case). The activation
 model is checked against measured live tensor bytes on the CPU (tests/test_memory.py).
+
+--preset auto plans every GPU preset (24gb, 16gb, 12gb, 8gb, with your --set values) against the
+card (--gpu-gb, or the GPU torch sees) and takes the largest that needs at most 75% of it, the
+headroom the presets are sized with (failing that, the largest that 'fits').
 """
 
 
@@ -38,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="preset name (see `tinyr1 presets list`)")
+    src.add_argument("--preset", help="preset name (see `tinyr1 presets list`), or auto: the largest that fits the GPU")
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
                    help="card size in GiB (default: from the preset name, e.g. 12gb -> 12)")
@@ -68,10 +80,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt_tokens < 1:
         raise ConfigError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
-    cfg = load_config(args.config or args.preset, args.overrides)
+    console = Console()
+    preset, gpu_gb = args.preset, args.gpu_gb
+    if preset == "auto":
+        gpu = int(gpu_gb * GiB) if gpu_gb is not None else None
+        preset, card_bytes = resolve_auto_preset(args.overrides, console, gpu_bytes=gpu)
+        gpu_gb = card_bytes / GiB  # judge against the card that was detected, not the preset's name
+    cfg = load_config(args.config or preset, args.overrides)
     arch, shape = arch_for_config(cfg), RunShape.from_config(cfg, args.prompt_tokens)
     est = estimate(arch, shape)
-    console = Console()
     title = (f"{cfg.preset}: B={shape.prompts} prompts x G={shape.group_size}, {shape.frames} frames, "
              f"{shape.max_new_tokens} new tokens, micro-batch {shape.micro_batch}, LoRA r={shape.lora_r}, "
              f"{shape.quant}/{shape.dtype} on {shape.device}")
@@ -92,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                   _fmt(est.phase_total("update", all_kinds)), "")
     console.print(table)
     need = need_bytes(est)
-    gpu_gb = args.gpu_gb if args.gpu_gb is not None else nominal_gpu_gb(cfg.preset)
+    gpu_gb = gpu_gb if gpu_gb is not None else nominal_gpu_gb(cfg.preset)
     if shape.device == "cpu":
         console.print(f"peak {gib(need)} of CPU memory for tensors (device = cpu: no GPU check)")
         return 0
@@ -111,3 +128,39 @@ def run(args: argparse.Namespace) -> int:
         for fix in fixes:
             console.print(f"  {fix.flags()}   -> {gib(fix.need)}")
     return 0
+
+
+def resolve_auto_preset(overrides: list[str], console: Console, gpu_bytes: int | None = None) -> tuple[str, int]:
+    """`--preset auto` -> (the largest GPU preset the planner fits on the card, the card's bytes),
+    printing why. The card is `gpu_bytes`, else CUDA device 0's total memory; no CUDA is a
+    DeviceError (with the CPU demo's name), a card too small for every preset a ConfigError."""
+    from tinyr1.errors import ConfigError, DeviceError
+    from tinyr1.memory import PRESET_BUDGET, GiB, auto_preset
+
+    label = f"{gpu_bytes / GiB:.1f} GiB (given)" if gpu_bytes is not None else ""
+    if gpu_bytes is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "--preset auto picks a preset for this machine's GPU, but torch sees no CUDA GPU here "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). On a CPU, run the "
+                "demo with --preset tiny; to plan for a card you do not have, pass --preset NAME --gpu-gb N "
+                "(`tinyr1 plan --preset auto --gpu-gb N` picks for a card of N GiB); `tinyr1 doctor` checks the setup."
+            )
+        props = torch.cuda.get_device_properties(0)
+        gpu_bytes = int(props.total_memory)
+        label = f"{props.name}, {gpu_bytes / GiB:.1f} GiB"
+    name, reasons = auto_preset(gpu_bytes, overrides)
+    if name is None:
+        raise ConfigError(
+            f"--preset auto: no GPU preset fits {label}: " + "; ".join(reasons)
+            + ". `tinyr1 plan --preset 8gb` lists the cheapest changes that would fit."
+        )
+    console.print(f"auto: {label}: {reasons[-1].removesuffix(' -> chosen')}", highlight=False, soft_wrap=True)
+    for line in reasons[:-1]:  # the larger presets, and why not
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if "but above" in reasons[-1]:
+        console.print(f"[yellow]auto: {name} needs more than the {PRESET_BUDGET:.0%} of the card the presets are "
+                      f"sized for; watch the first steps' memory (`tinyr1 plan --preset {name}` shows where it goes)[/]")
+    return name, gpu_bytes

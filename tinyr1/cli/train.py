@@ -21,9 +21,11 @@ examples:
       CPU demo: makes a tiny random checkpoint + synthetic videos, cold start, GRPO, evaluation
       (about 2.5 minutes on 2 cores; add --threads 1 when the machine is busy with other work)
   tinyr1 train --preset 24gb --set data.train=nextqa_0-30s.jsonl --set data.video_root=videos/
-      the paper's recipe with LoRA on a 4-bit LLM on one 24 GB GPU
+      the paper's recipe with LoRA on one 24 GB GPU
   tinyr1 train --config my.toml --set rollout.num_generations=4 --set train.lr=2e-5
       a TOML of your own (it may start with base = "16gb" to inherit a preset)
+  tinyr1 train --preset auto --set data.train=nextqa_0-30s.jsonl --set data.video_root=videos/
+      the largest GPU preset the memory planner fits on this GPU (printed with the reason)
   tinyr1 train --resume runs/24gb-20261125-101500
       continue a stopped run exactly where its last checkpoint left it
 
@@ -39,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="preset name (see `tinyr1 presets list`)")
+    src.add_argument("--preset", help="preset name (see `tinyr1 presets list`), or auto: the largest GPU preset "
+                     "the memory planner fits on this GPU")
     src.add_argument("--config", help="path to a TOML config")
     src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -89,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         out = train(cfg, resume=run_dir, console=console)
     else:
         source = args.config or args.preset
+        if args.preset == "auto":
+            from tinyr1.cli.plan import resolve_auto_preset
+
+            source, _ = resolve_auto_preset(args.overrides, console)
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
