@@ -2,13 +2,18 @@
 
 Shapes are small and odd (not multiples of any tile); inputs come from fixed seeds. Errors are
 norm-wise relative: ||x - ref|| / ||ref||. The Triton and liger tests skip, saying so, when the
-optional packages (`pip install "tinyr1[kernels]"`) are not installed.
+optional packages (`pip install "tinyr1[kernels]"`) are not installed. Triton cases run on CPU
+tensors under the interpreter where there is no GPU and on CUDA tensors, compiled, where there is
+one (tests/conftest.py decides); the reference is always float64 on the CPU.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 N, H, V = 37, 45, 301
 NO_TRITON = "the Triton kernels need the optional triton package (pip install 'tinyr1[kernels]')"
 NO_LIGER = "the liger patches need the optional liger-kernel package (pip install 'tinyr1[kernels]')"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py: only where there is no GPU
+ON_GPU_NO_INTERPRETER = "a GPU is present, so the Triton interpreter is off (tests/conftest.py)"
 
 
 def _needs(backend: str) -> None:
@@ -32,8 +39,14 @@ def _needs(backend: str) -> None:
         pytest.importorskip("triton", reason=NO_TRITON)
 
 
+def _device(backend: str) -> torch.device:
+    """Where a case runs: torch on the CPU; triton on the CPU under the interpreter, else on CUDA."""
+    return torch.device("cpu" if backend == "torch" or INTERPRET else "cuda")
+
+
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.detach().double() - ref.detach()).norm() / ref.detach().norm())
+    ref = ref.detach().double()
+    return float((x.detach().double().to(ref.device) - ref).norm() / ref.norm())
 
 
 def _reference(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,15 +86,16 @@ def _check(backend: str, dtype: torch.dtype, temperature: float, g_lp_on: bool, 
     loss_ref = _loss(lp_ref, ent_ref, g_lp if g_lp_on else None, g_ent if g_ent_on else None)
     grads_ref = torch.autograd.grad(loss_ref, [h64, w64] if weight_grad else [h64])
 
-    h_in, w_in = h.clone().requires_grad_(), w.clone().requires_grad_(weight_grad)
+    dev = _device(backend)
+    h_in, w_in = h.to(dev).requires_grad_(), w.to(dev).requires_grad_(weight_grad)
     if kw.get("splits"):
         from tinyr1.kernels.logprob_triton import triton_token_logprobs  # optional: imports triton
 
-        lp, ent = triton_token_logprobs(h_in, w_in, t, temperature, True, kw.get("chunk_size"), kw["splits"])
+        lp, ent = triton_token_logprobs(h_in, w_in, t.to(dev), temperature, True, kw.get("chunk_size"), kw["splits"])
     else:
-        lp, ent = token_logprobs(h_in, w_in, t, temperature, with_entropy=True, backend=backend, **kw)
+        lp, ent = token_logprobs(h_in, w_in, t.to(dev), temperature, with_entropy=True, backend=backend, **kw)
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == (N,)
-    loss = _loss(lp, ent, g_lp.float() if g_lp_on else None, g_ent.float() if g_ent_on else None)
+    loss = _loss(lp, ent, g_lp.float().to(dev) if g_lp_on else None, g_ent.float().to(dev) if g_ent_on else None)
     grads = torch.autograd.grad(loss, [h_in, w_in] if weight_grad else [h_in])
     tol, msg = TOL[dtype], f"backend={backend} dtype={dtype} T={temperature} seed={seed}"
     assert _rel(lp, lp_ref) < tol, f"logp {_rel(lp, lp_ref):.2e} {msg}"
@@ -120,13 +134,95 @@ def test_triton_vocab_splits_combine(splits: int, chunk_size: int) -> None:
     _check("triton", torch.float32, 0.6, g_lp_on=True, g_ent_on=True, splits=splits, chunk_size=chunk_size)
 
 
+# Norm-wise tolerances of the CUDA plan. The forward multiplies the inputs exactly (bf16/fp16
+# products fit in fp32) and accumulates in fp32, so log-probs and entropies are fp32-accurate for
+# every input dtype. The gradients are rounded to the input dtype twice (dz before the backward
+# GEMMs, dh/dw on return): two units of that dtype's roundoff.
+FWD_TOL = 1e-6
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-8}
+
+
+@pytest.mark.parametrize(("dtype", "sms", "atomic"), [
+    (torch.bfloat16, 24, True), (torch.bfloat16, 1, False), (torch.float16, 24, True), (torch.float32, 24, True),
+], ids=["bf16-24sm-splits", "bf16-1sm-one-split", "fp16-24sm-splits", "fp32-24sm-splits"])
+def test_cuda_plan_matches_float64_reference(dtype: torch.dtype, sms: int, atomic: bool) -> None:
+    """The exact launch plan a GPU with `sms` SMs gets (block sizes, warps, splits, bf16 operands in
+    tl.dot), run under the interpreter here and compiled on a GPU machine, in all four outputs."""
+    pytest.importorskip("triton", reason=NO_TRITON)
+    from tinyr1.kernels.logprob_triton import cuda_plan, triton_token_logprobs
+
+    n, hdim, vocab, temperature = 130, 80, 300, 0.9
+    plan = cuda_plan(n, vocab, dtype, sms)
+    # the shapes reach every path of the plan: several token blocks, partial last token block,
+    # hidden slice and vocabulary tile, and (atomic) several programs per token block
+    assert plan.row_blocks > 1 and n % plan.block_n and hdim > plan.block_h and hdim % plan.block_h
+    assert vocab % plan.block_v and (plan.splits > 1) == atomic
+    assert plan.upcast == (dtype == torch.float32)  # 16-bit inputs reach tl.dot as 16-bit operands
+    h, w, t = _inputs(dtype, n=n, hdim=hdim, vocab=vocab, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    g_lp, g_ent = torch.randn(n, dtype=torch.float64, generator=gen), torch.randn(n, dtype=torch.float64, generator=gen)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    lp_ref, ent_ref = _reference(h64, w64, t, temperature)
+    dh_ref, dw_ref = torch.autograd.grad(_loss(lp_ref, ent_ref, g_lp, g_ent), [h64, w64])
+
+    dev = _device("triton")
+    h_in, w_in = h.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+    lp, ent = triton_token_logprobs(h_in, w_in, t.to(dev), temperature, True, None, plan=plan)
+    dh, dw = torch.autograd.grad(_loss(lp, ent, g_lp.float().to(dev), g_ent.float().to(dev)), [h_in, w_in])
+    assert dh.dtype == dw.dtype == dtype
+    errors = {"logp": _rel(lp, lp_ref), "entropy": _rel(ent, ent_ref), "d hidden": _rel(dh, dh_ref),
+              "d weight": _rel(dw, dw_ref)}
+    tols = {"logp": FWD_TOL, "entropy": FWD_TOL, "d hidden": GRAD_TOL[dtype], "d weight": GRAD_TOL[dtype]}
+    assert all(errors[k] < tols[k] for k in errors), f"{plan}: errors {errors} vs tolerances {tols}"
+
+
+def test_launcher_runs_cuda_plan() -> None:
+    """token_logprobs(backend="triton") launches `cuda_plan`: for the device's SM count on CUDA, for
+    INTERPRETER_SMS on CPU tensors (the interpreter), so every Triton test here runs the GPU plan."""
+    pytest.importorskip("triton", reason=NO_TRITON)
+    from tinyr1.kernels import logprob_triton as lt
+
+    dev = _device("triton")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else lt.INTERPRETER_SMS
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.zeros(N, H, dtype=dtype, device=dev)  # [N, H]
+        assert lt.plan_for(h, V) == lt.cuda_plan(N, V, dtype, sms)
+        assert lt.plan_for(h, V, 32, 2) == lt.cuda_plan(N, V, dtype, sms, block_v=32, splits=2)
+
+
+@pytest.mark.parametrize(("cuda", "exported", "interpret"), [
+    (False, None, "1"), (False, "0", "1"), (True, "1", None), (True, None, None),
+], ids=["no-cuda", "no-cuda-exported-0", "cuda-exported-1", "cuda"])
+def test_conftest_interprets_only_without_a_gpu(monkeypatch: pytest.MonkeyPatch, cuda: bool, exported: str | None,
+                                                interpret: str | None) -> None:
+    """With a GPU the kernels must be compiled even when the environment exports TRITON_INTERPRET=1
+    (.ci/run does); without one the interpreter is on whatever was exported."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)  # the one input of the decision
+    monkeypatch.delenv("TINYR1_TEST_INTERPRET", raising=False)
+    if exported is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", exported)
+    runpy.run_path(str(Path(__file__).with_name("conftest.py")))  # monkeypatch restores the variable
+    assert os.environ.get("TRITON_INTERPRET") == interpret
+
+
+@pytest.mark.gpu
+def test_gpu_runs_compiled_kernels() -> None:
+    pytest.importorskip("triton", reason=NO_TRITON)
+    from tinyr1.kernels import logprob_triton as lt
+
+    assert not lt.INTERPRETED and not INTERPRET, "the gpu tests would run the interpreter"
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_grad_int32_targets_and_no_entropy(backend: str) -> None:
     _needs(backend)
     h, w, t = _inputs(torch.float32, seed=1)
     lp_ref, _ = _reference(h.double(), w.double(), t, 1.1)
+    dev = _device(backend)
     with torch.no_grad():
-        lp, ent = token_logprobs(h, w, t.int(), 1.1, backend=backend)  # type: ignore[arg-type]
+        lp, ent = token_logprobs(h.to(dev), w.to(dev), t.int().to(dev), 1.1, backend=backend)  # type: ignore[arg-type]
     assert ent is None
     assert _rel(lp, lp_ref) < 1e-5
 
@@ -134,7 +230,7 @@ def test_no_grad_int32_targets_and_no_entropy(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_tokens(backend: str) -> None:
     _needs(backend)
-    h, w, t = _inputs(torch.float32, n=0)
+    h, w, t = (x.to(_device(backend)) for x in _inputs(torch.float32, n=0))
     h.requires_grad_()
     lp, ent = token_logprobs(h, w, t, with_entropy=True, backend=backend)  # type: ignore[arg-type]
     assert lp.shape == (0,) and ent is not None and ent.shape == (0,)
@@ -170,6 +266,7 @@ def test_resolve_backend() -> None:
         resolve_backend("cuda", "cpu")
 
 
+@pytest.mark.skipif(not INTERPRET, reason=ON_GPU_NO_INTERPRETER)
 def test_triton_backend_on_cpu_only_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton", reason=NO_TRITON)
     assert resolve_backend("triton", "cpu") == "triton"  # the interpreter is on (conftest)
@@ -199,7 +296,7 @@ def test_bad_inputs_are_reported() -> None:
 
 def test_triton_tile_must_be_a_power_of_two() -> None:
     pytest.importorskip("triton", reason=NO_TRITON)
-    h, w, t = _inputs(torch.float32)
+    h, w, t = (x.to(_device("triton")) for x in _inputs(torch.float32))
     with pytest.raises(ValueError, match="power of two"):
         token_logprobs(h, w, t, backend="triton", chunk_size=48)
 

@@ -11,23 +11,31 @@ with tl.dot over BLOCK_H slices of the hidden size, accumulating in fp32, and ne
 - backward dW (only if the lm_head requires grad): one program per vocabulary tile, looping over
   token blocks, dW += dz^T h / T.
 
-Interpreter (TRITON_INTERPRET=1, the CPU tests): bf16 tl.dot is wrong there, so operands are upcast
-to fp32; temperature enters as a plain float multiplier (1/T), never through `.to()`.
+Launch plan: `cuda_plan` picks block sizes, num_warps and the vocabulary split from the shapes, the
+dtype and the GPU's SM count. It is the only plan: under the interpreter (TRITON_INTERPRET=1, the CPU
+tests) the same function runs with `INTERPRETER_SMS`, so the CPU tests execute what a GPU executes.
+
+Interpreter pitfalls, handled here: its tl.dot multiplies bf16 operands as raw uint16 bit patterns
+(garbage), so on interpreted kernels (`INTERPRETED`) 16-bit operands are upcast to fp32 right at the
+dot (`EMULATE_DOT`): exact products with fp32 accumulation, which is what the tensor cores compute,
+and every bf16 rounding the GPU does (e.g. of dz before the backward GEMMs) still happens.
+Temperature enters as a plain float multiplier (1/T), never through `.to()`; no autotune.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, n_hidden, s_hn, s_hk, s_wv, s_wk, inv_t,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """z = h[rows] @ W[cols]^T / T in fp32, [BLOCK_N, BLOCK_V]; padded rows/cols read as 0."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -38,6 +46,8 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, n_hidden, s_hn, s_hk, s_
         wb = tl.load(w_ptr + cols[:, None] * s_wv + ks[None, :] * s_wk, mask=cmask[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision=PRECISION)
+        elif EMULATE_DOT:  # the interpreter: the same bf16/fp16 values, multiplied in fp32
+            acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision="ieee")
         else:  # bf16/fp16 operands, fp32 accumulation
             acc = tl.dot(hb, tl.trans(wb), acc)
     return acc * inv_t
@@ -58,7 +68,7 @@ def _dlogits(z, cols, cmask, tgt, lse, g_lp, g_ent, mean_z, inv_t, HAS_GENT: tl.
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
                 n_rows, n_vocab, n_hidden, tiles_per_split, s_hn, s_hk, s_wv, s_wk, inv_t,
-                WITH_ENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                WITH_ENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -75,7 +85,7 @@ def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_end
         z = _logit_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, n_hidden, s_hn, s_hk, s_wv, s_wk, inv_t,
-                        UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                        UPCAST, PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(cmask[None, :], z, float("-inf"))
         z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -99,6 +109,7 @@ def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
 def _bwd_dh_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr, dh_ptr,
                    n_rows, n_vocab, n_hidden, tiles_per_split, s_hn, s_hk, s_wv, s_wk, s_dn, s_dk, inv_t,
                    HAS_GENT: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   EMULATE_DOT: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -115,7 +126,7 @@ def _bwd_dh_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr,
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_end
         z = _logit_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, n_hidden, s_hn, s_hk, s_wv, s_wk, inv_t,
-                        UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                        UPCAST, PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
         dz = _dlogits(z, cols, cmask, tgt, lse, g_lp, g_ent, mean_z, inv_t, HAS_GENT)
         for k0 in range(0, n_hidden, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
@@ -123,6 +134,8 @@ def _bwd_dh_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr,
             wb = tl.load(w_ptr + cols[:, None] * s_wv + ks[None, :] * s_wk, mask=cmask[:, None] & kmask[None, :], other=0.0)
             if UPCAST:
                 part = tl.dot(dz, wb.to(tl.float32), input_precision=PRECISION)
+            elif EMULATE_DOT:  # dz rounded to bf16/fp16 as on the GPU, then multiplied in fp32
+                part = tl.dot(dz.to(wb.dtype).to(tl.float32), wb.to(tl.float32), input_precision="ieee")
             else:
                 part = tl.dot(dz.to(wb.dtype), wb)
             ptrs = dh_ptr + rows[:, None] * s_dn + ks[None, :] * s_dk
@@ -136,7 +149,7 @@ def _bwd_dh_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr,
 @triton.jit
 def _bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr, dw_ptr,
                    n_rows, n_vocab, n_hidden, s_hn, s_hk, s_wv, s_wk, s_dv, s_dk, inv_t,
-                   HAS_GENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   HAS_GENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < n_vocab
@@ -149,7 +162,7 @@ def _bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr,
         g_ent = tl.load(gent_ptr + rows, mask=rmask, other=0.0)
         mean_z = tl.load(meanz_ptr + rows, mask=rmask, other=0.0)
         z = _logit_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, n_hidden, s_hn, s_hk, s_wv, s_wk, inv_t,
-                        UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                        UPCAST, PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_V, BLOCK_H)
         dz = _dlogits(z, cols, cmask, tgt, lse, g_lp, g_ent, mean_z, inv_t, HAS_GENT)
         for k0 in range(0, n_hidden, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
@@ -157,6 +170,8 @@ def _bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr,
             hb = tl.load(h_ptr + rows[:, None] * s_hn + ks[None, :] * s_hk, mask=rmask[:, None] & kmask[None, :], other=0.0)
             if UPCAST:
                 part = tl.dot(tl.trans(dz), hb.to(tl.float32), input_precision=PRECISION)
+            elif EMULATE_DOT:
+                part = tl.dot(tl.trans(dz.to(hb.dtype).to(tl.float32)), hb.to(tl.float32), input_precision="ieee")
             else:
                 part = tl.dot(tl.trans(dz.to(hb.dtype)), hb)
             ptrs = dw_ptr + cols[:, None] * s_dv + ks[None, :] * s_dk
@@ -164,36 +179,62 @@ def _bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, meanz_ptr, glp_ptr, gent_ptr,
             tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + part, mask=msk)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Kernels built under TRITON_INTERPRET=1 (decided by triton when this module was imported).
+INTERPRETED = isinstance(_fwd_kernel, InterpretedFunction)
+# SM count the plan assumes for tensors on the CPU (interpreter only): an RTX 4060-class GPU (24 SMs).
+INTERPRETER_SMS = 24
 
 
-class _Plan:
-    """Block sizes and vocabulary splits for one call (fixed configs: autotune breaks the interpreter)."""
+@dataclass(frozen=True)
+class Plan:
+    """How one call is launched: tile sizes, warps and the vocabulary split (fixed, no autotune)."""
 
-    def __init__(self, hidden: torch.Tensor, n_vocab: int, block_v: int | None, splits: int | None) -> None:
-        interp = _interpreting()
-        self.upcast = interp or hidden.dtype == torch.float32
-        self.precision = "ieee"  # only used for fp32 operands: keep fp32 exact rather than TF32
-        self.block_n = 32 if interp else 64
-        self.block_h = 32 if interp else 64
-        self.block_v = block_v or (64 if interp else 128)
-        if self.block_v < 16 or self.block_v & (self.block_v - 1):
-            raise ValueError(f"chunk_size for the triton backend must be a power of two >= 16, got {self.block_v}")
-        self.num_warps = 8 if self.block_n * self.block_v >= 8192 else 4
-        n_rows = hidden.shape[0]
-        self.row_blocks = triton.cdiv(n_rows, self.block_n)
-        n_tiles = triton.cdiv(n_vocab, self.block_v)
-        if splits is None:  # enough programs for ~2 waves over the SMs
-            sms = 1 if interp else torch.cuda.get_device_properties(hidden.device).multi_processor_count
-            splits = triton.cdiv(2 * sms, self.row_blocks)
-        splits = max(1, min(splits, n_tiles))
-        self.tiles_per_split = triton.cdiv(n_tiles, splits)
-        self.splits = triton.cdiv(n_tiles, self.tiles_per_split)  # no empty split
+    upcast: bool  # fp32 operands in tl.dot (fp32 inputs); else bf16/fp16 operands, fp32 accumulation
+    precision: str  # tl.dot input_precision for fp32 operands: "ieee", exact rather than TF32
+    block_n: int  # tokens per program
+    block_v: int  # vocabulary columns per tile
+    block_h: int  # hidden-size slice per tl.dot
+    num_warps: int
+    row_blocks: int  # programs along the tokens
+    tiles_per_split: int  # vocabulary tiles per program
+    splits: int  # programs along the vocabulary per token block (> 1: dh by atomic adds)
 
     def consts(self) -> dict[str, Any]:
-        return {"UPCAST": self.upcast, "PRECISION": self.precision, "BLOCK_N": self.block_n,
-                "BLOCK_V": self.block_v, "BLOCK_H": self.block_h, "num_warps": self.num_warps}
+        """Compile-time arguments of every kernel launch (EMULATE_DOT: see the module docstring)."""
+        return {"UPCAST": self.upcast, "PRECISION": self.precision, "EMULATE_DOT": INTERPRETED,
+                "BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_H": self.block_h,
+                "num_warps": self.num_warps}
+
+
+def cuda_plan(n_rows: int, n_vocab: int, dtype: torch.dtype, sms: int,
+              block_v: int | None = None, splits: int | None = None) -> Plan:
+    """The launch plan for [n_rows, H] `dtype` hidden states and a vocabulary of n_vocab on a GPU with
+    `sms` SMs; `block_v` (chunk_size) and `splits` override the defaults. Public so that the CPU tests
+    run exactly this plan under the interpreter."""
+    block_n, block_h = 64, 64
+    block_v = block_v or 128
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"chunk_size for the triton backend must be a power of two >= 16, got {block_v}")
+    row_blocks = triton.cdiv(n_rows, block_n)
+    n_tiles = triton.cdiv(n_vocab, block_v)
+    if splits is None:  # enough programs for ~2 waves over the SMs
+        splits = triton.cdiv(2 * sms, row_blocks)
+    splits = max(1, min(splits, n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return Plan(
+        upcast=dtype == torch.float32, precision="ieee", block_n=block_n, block_v=block_v, block_h=block_h,
+        num_warps=8 if block_n * block_v >= 8192 else 4, row_blocks=row_blocks, tiles_per_split=tiles_per_split,
+        splits=triton.cdiv(n_tiles, tiles_per_split),  # no empty split
+    )
+
+
+def plan_for(hidden: torch.Tensor, n_vocab: int, block_v: int | None = None, splits: int | None = None) -> Plan:
+    """`cuda_plan` for this call: the device's SM count on CUDA, `INTERPRETER_SMS` for CPU tensors."""
+    if hidden.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count
+    else:
+        sms = INTERPRETER_SMS
+    return cuda_plan(hidden.shape[0], n_vocab, hidden.dtype, sms, block_v, splits)
 
 
 def _combine(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, z_t: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, ...]:
@@ -213,10 +254,9 @@ def _combine(m: torch.Tensor, s: torch.Tensor, a: torch.Tensor, z_t: torch.Tenso
 class _TritonLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                with_entropy: bool, block_v: int | None, splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                with_entropy: bool, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         n_rows, n_hidden = hidden.shape
         n_vocab = weight.shape[0]
-        plan = _Plan(hidden, n_vocab, block_v, splits)
         parts = torch.zeros(4, plan.splits, n_rows, dtype=torch.float32, device=hidden.device)  # m, s, a, z_t
         inv_t = 1.0 / temperature
         _fwd_kernel[(plan.row_blocks, plan.splits)](
@@ -235,10 +275,10 @@ class _TritonLogprob(torch.autograd.Function):
     def backward(ctx: Any, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None) -> tuple[Any, ...]:
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none = (None, None, None, None, None)
+        none = (None, None, None, None)
         if g_lp is None and g_ent is None:
             return (None, None, *none)
-        plan: _Plan = ctx.plan
+        plan: Plan = ctx.plan
         n_rows, n_hidden = hidden.shape
         n_vocab = weight.shape[0]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()  # [N]
@@ -274,7 +314,11 @@ def triton_token_logprobs(
     with_entropy: bool,
     chunk_size: int | None,
     splits: int | None = None,
+    plan: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton path of `token_logprobs` (inputs already checked); `splits` overrides the vocabulary split."""
-    logp, ent = _TritonLogprob.apply(hidden, weight, targets.contiguous(), temperature, with_entropy, chunk_size, splits)
+    """Triton path of `token_logprobs` (inputs already checked). `splits` overrides the vocabulary
+    split; `plan` replaces `plan_for(...)` altogether (the tests: a given GPU's plan on the CPU)."""
+    if plan is None:
+        plan = plan_for(hidden, weight.shape[0], chunk_size, splits)
+    logp, ent = _TritonLogprob.apply(hidden, weight, targets.contiguous(), temperature, with_entropy, plan)
     return logp, (ent if with_entropy else None)
