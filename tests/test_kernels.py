@@ -22,6 +22,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tinyr1.cli import main
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.kernels import apply_liger, resolve_backend, token_logprobs
+from tinyr1.kernels.liger import LIGER_MIN_VERSION, liger_available, liger_unavailable_reason
 from tinyr1.kernels.logprob import naive_token_logprobs
 from tinyr1.memory_measure import LiveTensorBytes
 
@@ -317,6 +318,54 @@ def test_apply_liger_does_nothing_on_cpu() -> None:
     before = [type(m).__name__ for m in model.modules()]
     assert apply_liger(model) is False
     assert [type(m).__name__ for m in model.modules()] == before
+
+
+@pytest.fixture
+def fresh_liger_import(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - a generator fixture
+    """liger_kernel imported afresh (and the availability cache cleared) inside the test only."""
+    saved = {k: v for k, v in sys.modules.items() if k == "liger_kernel" or k.startswith("liger_kernel.")}
+    for name in saved:
+        monkeypatch.delitem(sys.modules, name)
+    liger_unavailable_reason.cache_clear()
+    yield
+    for name in [k for k in sys.modules if k == "liger_kernel" or k.startswith("liger_kernel.")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+    liger_unavailable_reason.cache_clear()
+
+
+def test_liger_that_fails_to_import_is_unavailable_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   fresh_liger_import: None) -> None:
+    """liger-kernel 0.5.0-0.5.6 is found by find_spec but its package import fails on transformers 5;
+    here a stand-in 0.5.6 that does what those versions do first (the same transformers import)."""
+    pytest.importorskip("triton", reason=NO_TRITON)
+    pkg = tmp_path / "liger_kernel"
+    (pkg / "transformers").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "transformers" / "__init__.py").write_text(
+        "from transformers.models.gemma.modeling_gemma import _CONFIG_FOR_DOC  # noqa\n")
+    meta = tmp_path / "liger_kernel-0.5.6.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: liger-kernel\nVersion: 0.5.6\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert liger_available() is False
+    reason = liger_unavailable_reason()
+    assert reason is not None and "liger-kernel 0.5.6" in reason and "_CONFIG_FOR_DOC" in reason
+    assert f"liger-kernel>={LIGER_MIN_VERSION}" in reason
+    assert apply_liger(_tiny_qwen2("cpu")) is False
+
+
+def test_liger_available_imports_the_names_tinyr1_uses(fresh_liger_import: None) -> None:
+    pytest.importorskip("liger_kernel", reason=NO_LIGER)
+    assert liger_unavailable_reason() is None and liger_available()
+    assert "liger_kernel.transformers.functional" in sys.modules  # imported, not just found
+
+
+def test_liger_floor_in_the_extras() -> None:
+    """pyproject's kernels and dev extras ask for the liger-kernel that imports (LIGER_MIN_VERSION)."""
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floors = [line for line in text.splitlines() if "liger-kernel>=" in line]
+    assert len(floors) == 2 and all(f'"liger-kernel>={LIGER_MIN_VERSION}"' in line for line in floors), floors
 
 
 @pytest.mark.gpu

@@ -6,7 +6,8 @@
 - `apply_liger`: liger-kernel's fused RMSNorm / SwiGLU / RoPE on one Qwen2 model instance (CUDA only).
 """
 
-from tinyr1.kernels.liger import apply_liger, liger_available
+from tinyr1.kernels.liger import apply_liger, liger_available, liger_unavailable_reason
 from tinyr1.kernels.logprob import naive_token_logprobs, resolve_backend, token_logprobs
 
-__all__ = ["apply_liger", "liger_available", "naive_token_logprobs", "resolve_backend", "token_logprobs"]
+__all__ = ["apply_liger", "liger_available", "liger_unavailable_reason", "naive_token_logprobs", "resolve_backend",
+           "token_logprobs"]

@@ -16,15 +16,47 @@ to fuse it is liger's process-wide swap, which this module exists to avoid.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 
 import torch
 from torch import nn
 
+# The oldest liger-kernel whose `liger_kernel.transformers` imports with transformers 5: 0.5.0-0.5.6
+# import names transformers 5 removed (e.g. `_CONFIG_FOR_DOC` from modeling_gemma) at package import.
+LIGER_MIN_VERSION = "0.5.7"
+INSTALL_HINT = f"pip install -U 'liger-kernel>={LIGER_MIN_VERSION}' (or 'tinyr1[kernels]')"
+
+
+@functools.cache
+def liger_unavailable_reason() -> str | None:
+    """None when every liger name tinyr1 uses imports; else why not (one sentence with the fix).
+
+    Imports what `apply_liger` and `tinyr1 bench kernels` will use, because finding the package is
+    not enough: an old liger-kernel is found and then fails inside its own imports. Cached: the import
+    takes seconds and its outcome cannot change within a process.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return f"liger-kernel needs triton, which is not installed: {INSTALL_HINT}"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return f"liger-kernel is not installed: {INSTALL_HINT}"
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerRMSNorm  # noqa: F401
+        from liger_kernel.transformers.functional import liger_swiglu  # noqa: F401
+    except Exception as err:  # ImportError, or whatever an incompatible version raises while importing
+        try:
+            version = importlib.metadata.version("liger-kernel")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(unknown version)"
+        return (f"liger-kernel {version} is installed but does not import here "
+                f"({type(err).__name__}: {err}); {INSTALL_HINT}")
+    return None
+
 
 def liger_available() -> bool:
-    """True when liger-kernel (and triton) can be imported."""
-    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+    """True when the liger-kernel names tinyr1 uses import (see `liger_unavailable_reason`)."""
+    return liger_unavailable_reason() is None
 
 
 class _LigerSwiGLUMLP(nn.Module):
