@@ -233,8 +233,8 @@ def test_nf4_shared_prefix_matches_the_oracle(compute: str) -> None:
     fp32 compute: the same tolerances as the fp32 model (dequantized weights are exact, only the
     summation order differs). bf16 compute (the GPU presets): 8 mantissa bits, so any change of
     GEMM shapes moves the result. Measured between the production path and the oracle (seeds
-    11-13): log-probs up to 0.036 apart, gradient tensors up to 6% of their norm; the bounds are
-    about twice that.
+    11-14, fp32 master connector under autocast): log-probs up to 0.06 apart, all gradients together
+    within 7.5% of their norm, the worst single tensor within 15%; the bounds are twice that.
     """
     import bitsandbytes as bnb
 
@@ -252,7 +252,9 @@ def test_nf4_shared_prefix_matches_the_oracle(compute: str) -> None:
             torch.testing.assert_close(shared[key], naive[key], rtol=1e-4, atol=1e-6, msg=key)
         return
     for key in ("ref", "old", "logp"):
-        torch.testing.assert_close(shared[key], naive[key], rtol=0, atol=0.1, msg=key)
+        torch.testing.assert_close(shared[key], naive[key], rtol=0, atol=0.12, msg=key)
+    got, want = (torch.cat([d[k].float().flatten() for k in grads]) for d in (shared, naive))
+    assert float((got - want).norm() / want.norm()) < 0.15
     for key in grads:
         rel = float((shared[key] - naive[key]).float().norm() / naive[key].float().norm())
-        assert rel < 0.12, (key, rel)
+        assert rel < 0.3, (key, rel)

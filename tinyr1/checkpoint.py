@@ -58,6 +58,7 @@ def save_checkpoint(
     scheduler: Any,
     generator: torch.Generator,
     train_connector: bool,
+    scaler: torch.amp.GradScaler | None = None,
     keep: int = 2,
 ) -> Path:
     """Write step-N atomically; keep the newest `keep` checkpoints."""
@@ -70,6 +71,8 @@ def save_checkpoint(
     save_adapter(model, tmp / ADAPTER, train_connector=train_connector)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:  # fp16 loss scale and its growth tracker: part of an exact resume
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     rng = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -114,8 +117,9 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> TrainState:
-    """Restore weights, optimizer, scheduler, RNG and the loop position from `ckpt`."""
+    """Restore weights, optimizer, scheduler, loss scale, RNG and the loop position from `ckpt`."""
     from peft import set_peft_model_state_dict  # peft imports bitsandbytes: after loading.py's log filter
 
     adir = ckpt / ADAPTER
@@ -127,6 +131,8 @@ def load_checkpoint(
         model.connector.resampler.load_state_dict(load_file(str(adir / CONNECTOR_FILE)))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if scaler is not None and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["sampler"])

@@ -6,11 +6,13 @@ and the benchmarks get a model, optimizer and schedule, so what they measure is 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from tinyr1.config import Config
 from tinyr1.data import Sample, load_dataset
@@ -36,6 +38,8 @@ class Context:
     generator: torch.Generator  # sampling + advantage noise, on the CPU: the same draws on any device
     reward_funcs: list[tuple[str, float, RewardFn]]  # (name, weight, function)
     backend: str  # the log-prob kernel really used: "torch" | "triton"
+    reference_connector: nn.Module | None = None  # frozen initial connector (connector trains, beta > 0)
+    scaler: torch.amp.GradScaler | None = None  # loss scaling when the compute dtype is fp16
 
 
 def build_context(cfg: Config, *, total_steps: int) -> Context:
@@ -56,7 +60,16 @@ def build_context(cfg: Config, *, total_steps: int) -> Context:
         cfg=cfg, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
         generator=torch.Generator().manual_seed(t.seed), reward_funcs=reward_funcs,
         backend=resolve_backend(cfg.model.kernels, model.device),
+        reference_connector=reference_connector(model) if cfg.grpo.beta > 0 and model.connector_trains else None,
+        scaler=torch.amp.GradScaler(model.device.type) if model.compute_dtype == torch.float16 else None,
     )
+
+
+def reference_connector(model: TinyLlavaVideo) -> nn.Module:
+    """A frozen copy of the connector as loaded, in the compute dtype: the KL reference is the
+    initial policy, and "adapters off" alone would leave the trained connector without an anchor.
+    Made before any update or resume, so it always holds the checkpoint's weights."""
+    return copy.deepcopy(model.connector).to(model.compute_dtype).requires_grad_(False).eval()
 
 
 def build_model(cfg: Config) -> tuple[TinyLlavaVideo, Any]:

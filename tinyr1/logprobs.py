@@ -30,15 +30,20 @@ def completion_logprobs(
     temperature: float,
     backend: str,
     with_entropy: bool = False,
+    reference: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p of the completions `rows` [n] of `rollout`: ([n, L], entropies [n, L] or None).
 
     With grad enabled and a trainable connector, the video tokens are recomputed from the rollout's
     frozen features so the connector gets its gradient; otherwise the rollout's tokens are reused.
+    `reference`: the KL reference's video tokens (the initial connector's) where the rollout has
+    them; the caller switches the LoRA adapters off.
     """
     prompts, local = torch.unique(rollout.row_prompt[rows.cpu()], sorted=True, return_inverse=True)  # [B_p], [n]
     index = prompts.tolist()
-    if torch.is_grad_enabled() and model.connector_trains:
+    if reference and rollout.reference_video_tokens is not None:
+        video = [rollout.reference_video_tokens[p] for p in index]  # B_p x [Q, D]
+    elif torch.is_grad_enabled() and model.connector_trains:
         video = [model.connect(rollout.features[p]) for p in index]  # B_p x [Q, D], with grad
     else:
         video = [rollout.video_tokens[p] for p in index]  # B_p x [Q, D]
@@ -99,10 +104,9 @@ def shared_prefix_hidden(
     pos_p = (mask.cumsum(-1) - 1).clamp(min=0)  # [B_p, S]
     pos_s = mask.sum(-1)[rows][:, None] + torch.arange(ls, device=hs.device)  # [n, L']
     valid = mask.bool()  # [B_p, S]
-    causal_p = torch.ones(s, s, dtype=torch.bool, device=hs.device).tril()  # [S, S]
     causal_s = torch.ones(ls, ls, dtype=torch.bool, device=hs.device).tril()  # [L', L']
     allowed_s = torch.cat([valid[rows][:, None, :].expand(n, ls, s), causal_s.expand(n, ls, ls)], -1)  # [n, L', S+L']
-    prefix_kw = {"attention_mask": _additive_mask(causal_p & valid[:, None, :], embeds.dtype),  # [B_p, 1, S, S]
+    prefix_kw = {"attention_mask": _additive_mask(prefix_mask(valid), embeds.dtype),  # [B_p, 1, S, S]
                  "position_embeddings": llm.model.rotary_emb(embeds, pos_p), "position_ids": pos_p}
     suffix_kw = {"attention_mask": _additive_mask(allowed_s, hs.dtype),  # [n, 1, L', S+L']
                  "position_embeddings": llm.model.rotary_emb(hs, pos_s), "position_ids": pos_s}
@@ -133,6 +137,19 @@ def _prefix_then_suffix(
 
 def _layer_out(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
+
+
+def prefix_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Which keys each prompt position attends to: bool [B, S] (left-padded, True = real) -> [B, S, S].
+
+    Causal over the real positions; a padding position attends to itself only, so no query row is
+    fully masked (a fully masked row is NaN on some attention backends, and NaN values of padding
+    positions would then leak into real rows through 0 * NaN). Real rows are plain causal.
+    """
+    s = valid.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()  # [S, S]
+    itself = torch.eye(s, dtype=torch.bool, device=valid.device)  # [S, S]
+    return (causal & valid[:, None, :]) | (itself & ~valid[:, :, None])  # [B, S, S]
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

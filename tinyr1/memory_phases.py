@@ -114,6 +114,12 @@ def connector_saved(arch: Arch, run: RunShape) -> int:
     return int(m_all * d * c + arch.resampler_layers * per_layer + arch.num_queries * d * c)
 
 
+def connector_casts(arch: Arch, run: RunShape) -> int:
+    """16-bit copies autocast makes of a trained connector's fp32 master weights: alive while the
+    connector runs without grad, saved for its backward with grad (`TinyLlavaVideo.connect`)."""
+    return sum(connector_tensors(arch)) * run.c if run.train_connector and run.c < 4 else 0
+
+
 def connector_nograd_peak(arch: Arch, run: RunShape) -> int:
     c, d = run.c, arch.hidden
     inner = arch.connector_heads * arch.connector_dim_head
@@ -156,7 +162,8 @@ def rollout_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     enc = {"vision features (kept for update)": ("kept", (b - 1) * feat, f"{b - 1} videos encoded so far"),
            "vision tower transient": ("activation", vision_moment(arch, run), f"one video, {run.frames} frames")}
     conn = {**kept, "video tokens": ("kept", (b - 1) * vt, ""),
-            "connector transient": ("activation", connector_nograd_peak(arch, run), "no grad")}
+            "connector transient": ("activation", connector_nograd_peak(arch, run) + connector_casts(arch, run),
+                                    "no grad" + (", 16-bit copies of the fp32 weights" if connector_casts(arch, run) else ""))}
     videos = {**kept, "video tokens": ("kept", b * vt, f"{b} x {arch.num_queries} tokens")}
     embeds = b * s_p * d * c
     prefill = {**videos, "prompt embeddings": ("activation", 2 * embeds, f"{b} x {s_p} positions, padded copy"),
@@ -216,9 +223,11 @@ def update_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
         "video tokens": ("kept", run.prompts * arch.num_queries * d * c, "from the rollout"),
         "rollout tensors": ("kept", run.rows * run.max_new_tokens * 30, "ids, masks, log-probs"),
     }
+    if run.beta > 0 and run.train_connector:  # the initial connector's tokens for the KL reference
+        base["reference video tokens"] = ("kept", run.prompts * arch.num_queries * d * c, "frozen initial connector")
     if run.beta > 0 or run.num_iterations > 1:
         base["reference log-probs"] = ("kept", run.rows * run.max_new_tokens * 4 * (1 + int(run.num_iterations > 1)), "")
-    conn = k * connector_saved(arch, run) if run.train_connector else 0
+    conn = k * connector_saved(arch, run) + connector_casts(arch, run) if run.train_connector else 0
     masks = (k * s_p * s_p + mb * ls * (s_p + ls)) * c  # additive prompt / completion masks
     shared = 2 * tokens * arch.head_dim * c + masks  # cos/sin + masks
     per_layer = (tokens * layer_saved(ops, arch, run) + kv_rows) if not run.grad_checkpointing else tokens * d * c

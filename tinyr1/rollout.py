@@ -29,6 +29,8 @@ class Rollout:
     There are no old log-probs: with `num_iterations` = 1 the ratio's denominator is the update's own
     (detached) log-probs, which is exact; sampling-time log-probs come from the KV-cached decode and
     differ from the update's forward by rounding. With `num_iterations` > 1 the update recomputes them.
+    `reference_video_tokens` exist when the connector trains and beta > 0: the KL reference is the
+    initial policy, so its video tokens come from a frozen copy of the initial connector.
     """
 
     features: list[torch.Tensor]  # B x [1, T*P', Dv] frozen vision features; the connector re-runs on them when it trains
@@ -43,6 +45,7 @@ class Rollout:
     reward_total: torch.Tensor  # [n] weighted sum
     advantages: torch.Tensor  # [n] on the model's device
     reward_stats: dict[str, float]  # reward, reward_std, frac_reward_zero_std (group_advantages)
+    reference_video_tokens: list[torch.Tensor] | None = None  # B x [Q, D] from the initial connector (KL reference)
 
     @property
     def group_size(self) -> int:

@@ -82,9 +82,12 @@ def describe_run(ctx: Context) -> str:
     params = trainable_parameters(model).values()
     trainable, n_params = sum(p.numel() for p in params), len(params)
     ro = cfg.rollout
-    return (f"run: {cfg.preset} on {model.device} · LLM {cfg.model.quant} {cfg.model.dtype} · LoRA r{cfg.lora.r} "
-            f"({trainable / 1e6:.2f}M trainable in {n_params} tensors) · {ro.prompts_per_step} prompts x G={ro.num_generations}"
-            f" · log-probs: {ctx.backend} kernel")
+    compute = str(model.compute_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float", "fp")
+    chosen = f"{compute} (auto)" if cfg.model.dtype == "auto" else compute
+    scaling = " with loss scaling" if ctx.scaler is not None else ""
+    return (f"run: {cfg.preset} on {model.device} · LLM {cfg.model.quant}, compute {chosen}{scaling} · LoRA r{cfg.lora.r} "
+            f"({trainable / 1e6:.2f}M fp32 trainable in {n_params} tensors) · {ro.prompts_per_step} prompts x "
+            f"G={ro.num_generations} · log-probs: {ctx.backend} kernel")
 
 
 def held_out_accuracy(ctx: Context, samples: list[Sample], load: Callable[[Sample], torch.Tensor],

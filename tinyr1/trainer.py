@@ -11,10 +11,9 @@ Where this departs from plain GRPO (Shao et al., 2024), and why:
 1. Exact micro-batch normalization. The loss takes the step-wide normalizers (sequences, tokens),
    so any split of the B*G rows into micro-batches gives the gradient of the full batch (TRL divides
    per micro-batch, exact only for equal sizes). See `tinyr1.loss`.
-2. The reference policy is the model with its LoRA adapters switched off: the initial LLM without a
-   second copy of it; with `grpo.beta = 0` no reference forward runs at all. Its video tokens are
-   the rollout's (the connector as it was when sampling), so when the connector trains, the KL does
-   not anchor the connector to its initial weights.
+2. The reference policy is the initial policy without a second copy of the LLM: the model with its
+   LoRA adapters switched off and, when the connector trains, the video tokens of a frozen copy of
+   the initial connector (small). With `grpo.beta = 0` no reference forward runs at all.
 3. Advantage noise. `grpo.noise_std` adds N(0, s^2) to each advantage (TinyLLaVA-Video-R1's trick):
    groups whose rewards are all equal still move a little instead of giving no signal.
 4. Shared prompt prefix. A micro-batch runs each of its prompts (system + ~512 video tokens +
@@ -23,12 +22,12 @@ Where this departs from plain GRPO (Shao et al., 2024), and why:
 5. No sampling-time log-probs. With `num_iterations = 1` the ratio's denominator is the update's own
    detached log-prob (ratio 1, exact); the decode's log-probs differ by rounding (KV cache, other
    kernels) and would bias the clipping. With more iterations the old policy is recomputed once.
-6. A non-finite loss or gradient skips the optimizer step (logged), never applies it.
+6. A non-finite loss or gradient skips the optimizer step (logged), never applies it. Trainable
+   weights are fp32 master weights under bf16/fp16 compute; fp16 adds loss scaling.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import time
@@ -113,6 +112,8 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
     features = [model.vision_features(frames) for _, frames in batch]  # B x [1, T*P', Dv], once per video
     with torch.no_grad():
         video_tokens = [model.connect(f) for f in features]  # B x [Q, D]
+        reference_tokens = ([model.connect(f, ctx.reference_connector) for f in features]
+                            if ctx.reference_connector is not None else None)  # B x [Q, D]: the KL's initial connector
     prompt_ids = [prompt_tensor(tok, s.question, "train") for s, _ in batch]  # B x [P_b]
     ids, _ = sample_group(
         model, prompt_ids, video_tokens, group_size=g, max_new_tokens=rc.max_new_tokens,
@@ -133,7 +134,7 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
         row_prompt=torch.arange(len(batch)).repeat_interleave(g), completion_ids=ids,
         completion_mask=completion_mask(ids, tok.eos_token_id, mask_truncated=cfg.grpo.mask_truncated_completions),
         truncated=truncated_rows(ids, tok.eos_token_id), texts=texts, rewards=per_reward, reward_total=total,
-        advantages=adv.to(ids.device), reward_stats=reward_stats,
+        advantages=adv.to(ids.device), reward_stats=reward_stats, reference_video_tokens=reference_tokens,
     )
 
 
@@ -145,8 +146,8 @@ def update_step(ctx: Context, ro: Rollout) -> dict[str, float]:
     n = ro.completion_ids.shape[0]
     mask = ro.completion_mask.to(torch.float32)  # [B*G, L]
     total_tokens = max(int(mask.sum().item()), 1)
-    ref = _logprobs_no_grad(ctx, ro, reference=True) if cfg.grpo.beta > 0 else None  # [B*G, L]
-    old = _logprobs_no_grad(ctx, ro, reference=False) if cfg.grpo.num_iterations > 1 else None  # [B*G, L]
+    ref = reference_logprobs(ctx, ro) if cfg.grpo.beta > 0 else None  # [B*G, L]
+    old = old_logprobs(ctx, ro) if cfg.grpo.num_iterations > 1 else None  # [B*G, L]
     params = list(trainable_parameters(model).values())
     metrics: dict[str, float] = {}
     for _ in range(cfg.grpo.num_iterations):
@@ -162,7 +163,7 @@ def update_step(ctx: Context, ro: Rollout) -> dict[str, float]:
                 epsilon_high=cfg.grpo.epsilon_high, total_sequences=n, total_tokens=total_tokens,
                 max_completion_length=cfg.rollout.max_new_tokens, kl_clamp=cfg.grpo.kl_clamp, entropy=ent,
             )
-            loss.backward()
+            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
             parts.append(m)
         metrics = sum_metrics(parts)
         metrics["grad_norm"] = _apply_gradients(ctx, params, metrics)
@@ -176,25 +177,48 @@ def micro_batches(n: int, size: int) -> Iterator[torch.Tensor]:
         yield torch.arange(start, min(start + size, n))
 
 
+def reference_logprobs(ctx: Context, ro: Rollout) -> torch.Tensor:
+    """Log-probs [B*G, L] under the KL reference, the initial policy: LoRA adapters off and, when the
+    connector trains, the initial connector's video tokens."""
+    with adapters_disabled(ctx.model):
+        return _logprobs_no_grad(ctx, ro, reference=True)
+
+
+def old_logprobs(ctx: Context, ro: Rollout) -> torch.Tensor:
+    """Log-probs [B*G, L] under the policy before this step's first optimizer step."""
+    return _logprobs_no_grad(ctx, ro, reference=False)
+
+
 def _logprobs_no_grad(ctx: Context, ro: Rollout, *, reference: bool) -> torch.Tensor:
-    """Reference (adapters off) or old-policy log-probs of every row [B*G, L], micro-batched."""
     out = []
-    with torch.no_grad(), adapters_disabled(ctx.model) if reference else contextlib.nullcontext():
+    with torch.no_grad():
         for rows in micro_batches(ro.completion_ids.shape[0], ctx.cfg.train.micro_batch_size):
             logp, _ = completion_logprobs(ctx.model, ro, rows, temperature=ctx.cfg.rollout.temperature,
-                                          backend=ctx.backend)
+                                          backend=ctx.backend, reference=reference)
             out.append(logp)
     return torch.cat(out)
 
 
 def _apply_gradients(ctx: Context, params: list[torch.nn.Parameter], metrics: dict[str, float]) -> float:
-    """Clip and step; a non-finite loss or gradient skips the step (logged), never applies it."""
+    """Clip and step; a non-finite loss or gradient skips the step (logged), never applies it.
+
+    With fp16 loss scaling the gradients are unscaled before clipping, and a skipped step lowers
+    the scale (an overflow is how the scaler learns it is too high).
+    """
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
     max_norm = ctx.cfg.train.max_grad_norm if ctx.cfg.train.max_grad_norm > 0 else float("inf")
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     finite = math.isfinite(norm) and math.isfinite(metrics.get("loss", 0.0))
     metrics["skipped"] = 0.0 if finite else 1.0
     if finite:
-        ctx.optimizer.step()
+        if ctx.scaler is not None:
+            ctx.scaler.step(ctx.optimizer)
+        else:
+            ctx.optimizer.step()
+    if ctx.scaler is not None:
+        ctx.scaler.update()
+        metrics["loss_scale"] = float(ctx.scaler.get_scale())
     ctx.scheduler.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     return norm
@@ -255,7 +279,7 @@ class StopFlag:
 def save_state(ctx: Context, run_dir: Path, state: TrainState) -> None:
     """Checkpoint everything `--resume` needs (atomic: temp folder + rename)."""
     save_checkpoint(run_dir, state, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                    generator=ctx.generator, train_connector=ctx.cfg.model.train_connector)
+                    generator=ctx.generator, train_connector=ctx.cfg.model.train_connector, scaler=ctx.scaler)
 
 
 def resume_state(ctx: Context, run_dir: Path) -> TrainState | None:
@@ -264,7 +288,7 @@ def resume_state(ctx: Context, run_dir: Path) -> TrainState | None:
     if ckpt is None:
         return None
     return load_checkpoint(ckpt, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                           generator=ctx.generator)
+                           generator=ctx.generator, scaler=ctx.scaler)
 
 
 def save_final(ctx: Context, run_dir: Path) -> Path:

@@ -138,8 +138,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: `auto` = bf16 on a CUDA GPU that supports it, fp16 (with loss scaling in
+    training) on one that does not (T4, RTX 20xx), fp32 on the CPU. bf16 asked for on a GPU without
+    it is refused with the card's name."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if dtype == "auto":
+            return torch.bfloat16 if bf16 else torch.float16
+        if dtype == "bf16" and not bf16:
+            raise DeviceError(f"{torch.cuda.get_device_name(device)} has no bf16 support: set model.dtype = "
+                              "\"fp16\" (or \"auto\", which picks fp16 with loss scaling there)")
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     return DTYPES[dtype]
 
 
@@ -304,11 +314,16 @@ def adapters_disabled(model: TinyLlavaVideo) -> Iterator[None]:
 
 
 def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradient_checkpointing: bool) -> None:
-    """Freeze everything but LoRA (and the connector when asked); vision tower stays in eval mode."""
+    """Freeze everything but LoRA (and the connector when asked); vision tower stays in eval mode.
+
+    Trainable weights are fp32 master weights whatever the compute dtype: an AdamW step at lr 1e-5
+    on bf16 weights rounds most updates away. PEFT already keeps LoRA in fp32; a trained connector
+    is cast here and computes under autocast (`TinyLlavaVideo.connect`).
+    """
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     if train_connector:
-        model.connector.requires_grad_(True)
+        model.connector.float().requires_grad_(True)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model.llm)
     model.train()

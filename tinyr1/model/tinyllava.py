@@ -155,6 +155,11 @@ class TinyLlavaVideo(nn.Module):
         return self.embed_tokens().weight.device
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the LLM's input embeddings' (never quantized, never trained)."""
+        return self.embed_tokens().weight.dtype
+
+    @property
     def connector_trains(self) -> bool:
         """Whether the connector's weights take gradients (`model.train_connector`)."""
         return any(p.requires_grad for p in self.connector.parameters())
@@ -167,13 +172,19 @@ class TinyLlavaVideo(nn.Module):
             feats = tower(pixels.to(self.device, dtype), self.cfg.vision_feature_layer)  # [T, P', Dv]
         return feats.reshape(1, -1, feats.shape[-1])  # [1, T*P', Dv]
 
-    def connect(self, features: torch.Tensor) -> torch.Tensor:
-        """Vision features [1, T*P', Dv] -> video tokens [Q, D]: the one way to run the connector.
+    def connect(self, features: torch.Tensor, connector: nn.Module | None = None) -> torch.Tensor:
+        """Vision features [1, T*P', Dv] -> video tokens [Q, D]: the one way to run a connector.
 
-        Grad flows into the connector when grad is enabled and its weights require it (it trains);
-        the features are cast to the connector's own dtype, whatever the tower computed in.
+        `connector` defaults to the model's own; the trainer passes its frozen copy of the initial
+        connector for the KL reference. A trained connector keeps fp32 master weights while the LLM
+        computes in bf16/fp16: it then runs under autocast to the compute dtype (matmuls in 16 bits,
+        gradients into the fp32 weights). Grad flows when enabled and the weights require it.
         """
-        return self.connector(features.to(self.connector.dtype))[0]  # [Q, D]
+        conn = connector if connector is not None else self.connector
+        compute = self.compute_dtype
+        mixed = conn.dtype != compute and compute != torch.float32
+        with torch.autocast(self.device.type, dtype=compute, enabled=mixed):
+            return conn(features.to(compute if mixed else conn.dtype))[0]  # [Q, D]
 
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """[T, 3, S, S] -> video tokens [Q, D]. Grad flows into the connector when it is trainable."""
