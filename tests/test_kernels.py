@@ -22,6 +22,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tinyr1.cli import main
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.kernels import apply_liger, resolve_backend, token_logprobs
+from tinyr1.kernels import bench as kernels_bench
 from tinyr1.kernels.liger import LIGER_MIN_VERSION, liger_available, liger_unavailable_reason
 from tinyr1.kernels.logprob import naive_token_logprobs
 from tinyr1.memory_measure import LiveTensorBytes
@@ -416,3 +417,80 @@ def test_cli_bench_kernels_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "kernels", "--tokens", "19", "--hidden", "8", "--vocab", "333", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "naive" in out and "torch" in out and "time / naive" in out
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    """Data rows of the rich table printed by `bench kernels`: method -> the other cells."""
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    return {r[0]: r[1:] for r in rows}
+
+
+def _out_of_memory(*args: object, **kwargs: object) -> None:
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.96 GiB")  # exists on CPU builds
+
+
+def test_cli_bench_kernels_reports_oom_per_method(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An 8 GB card: naive runs out of CUDA memory. Its row says OOM and the other methods still run."""
+    monkeypatch.setattr(kernels_bench, "naive_token_logprobs", _out_of_memory)
+    assert main(["bench", "kernels", "--tokens", "19", "--hidden", "8", "--vocab", "333", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert rows["naive"] == ["OOM", "OOM", "-", "-", "-"], out
+    assert float(rows["torch"][0]) >= 0 and float(rows["torch"][1]) >= 0
+    assert rows["torch"][2:] == ["-", "-", "-"]  # no ratio to, or difference from, a method that did not run
+
+
+def test_bench_oom_in_a_timed_run_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fits in the memory run, then runs out of memory in a timed one (fragmentation): OOM all the same."""
+    real, calls = kernels_bench.naive_token_logprobs, []
+
+    def naive_then_oom(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        calls.append(1)
+        if len(calls) > 1:
+            _out_of_memory()
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels_bench, "naive_token_logprobs", naive_then_oom)
+    results = kernels_bench.bench_kernels(["naive", "torch"], 19, 8, 333, torch.float32, torch.device("cpu"), repeats=2)
+    assert len(calls) == 2  # not called again after its OOM
+    naive, fused = results
+    assert (naive.error, naive.seconds, naive.peak_bytes, naive.max_abs_diff) == ("OOM", None, None, None)
+    assert fused.error is None and fused.seconds is not None and fused.seconds > 0 and fused.max_abs_diff is None
+
+
+def test_naive_peak_estimate_matches_a_measurement() -> None:
+    """The sizing rule's naive term (12 bytes per logit) against the live-tensor peak of a real run."""
+    n, hdim, vocab = 64, 32, 4000
+    peak, _ = kernels_bench.measure_memory(kernels_bench._step_fn("naive", 1.0, False, None),
+                                           kernels_bench.make_inputs(n, hdim, vocab, torch.float32, torch.device("cpu")))
+    inputs = vocab * hdim * 4 + n * hdim * 4  # lm_head and hidden exist before the call
+    estimate = kernels_bench.estimated_peak_bytes("naive", n, hdim, vocab, torch.float32) - inputs
+    assert 0.97 * estimate <= peak <= estimate
+
+
+def test_default_tokens_fit_the_free_memory() -> None:
+    hdim, vocab, bf16, gib = 2048, 151_936, torch.bfloat16, 2**30
+    every = ["naive", "torch", "triton", "liger"]
+    n8 = kernels_bench.default_tokens(every, hdim, vocab, bf16, 7 * gib)  # an 8 GB card, 7 GiB free
+    assert 256 <= n8 < 4096 and n8 % 256 == 0
+    fits = [kernels_bench.estimated_peak_bytes("naive", n, hdim, vocab, bf16) <= 0.8 * 7 * gib for n in (n8, n8 + 256)]
+    assert fits == [True, False]  # the largest multiple of 256 that fits
+    assert kernels_bench.default_tokens(["torch", "triton", "liger"], hdim, vocab, bf16, 7 * gib) == 4096
+    assert kernels_bench.default_tokens(every, hdim, vocab, bf16, 80 * gib) == 4096  # capped
+    assert kernels_bench.default_tokens(every, hdim, vocab, bf16, gib // 2) == 16  # floor: naive will say OOM
+
+
+def test_cli_bench_kernels_sizes_tokens_to_free_memory(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from tinyr1.cli import bench as cli_bench
+
+    free = 100 * 2**20
+    monkeypatch.setattr(cli_bench, "_free_bytes", lambda device: free)  # the machine's one input
+    expected = kernels_bench.default_tokens(["naive", "torch"], 8, 5000, torch.float32, free)
+    assert 256 <= expected < 4096
+    assert main(["bench", "kernels", "--hidden", "8", "--vocab", "5000", "--repeats", "1"]) == 0
+    raw = capsys.readouterr().out
+    assert f"N={expected} (sized to 80% of 0.1 GiB free" in " ".join(raw.split())  # rich wraps long lines
+    rows = _table_rows(raw)
+    assert set(rows) == {"naive", "torch"} and "OOM" not in rows["naive"] + rows["torch"]

@@ -12,10 +12,15 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinyr1.cli._args import add_threads_arg, apply_threads
 from tinyr1.errors import ConfigError, DeviceError
+
+if TYPE_CHECKING:  # heavy imports, only for annotations
+    from rich.table import Table
+
+    from tinyr1.kernels.bench import BenchResult
 
 ORDER = 90
 
@@ -43,7 +48,8 @@ Examples:
 
 KERNELS_HELP = """\
 Per-token log-probs of a GRPO update, forward + backward, at Qwen2.5-3B shapes
-(H = 2048, V = 151,936, N = 4096 tokens by default). Methods:
+(H = 2048, V = 151,936, N = 4096 tokens, or fewer when 80% of the free memory - CUDA: free device
+memory, CPU: available RAM - cannot hold the hungriest method; printed). Methods:
   naive   full logits [N x V] -> log_softmax -> gather (what the fused paths replace)
   torch   tinyr1's vocabulary-tiled pure-torch path (the CPU path)
   triton  tinyr1's Triton kernels (CUDA)
@@ -51,7 +57,8 @@ Per-token log-probs of a GRPO update, forward + backward, at Qwen2.5-3B shapes
 Peak memory is what the call allocates above its inputs (CUDA: max_memory_allocated; CPU: live
 tensor bytes tracked by a TorchDispatchMode). Time is the median of --repeats runs per method
 after one warm-up run, the methods interleaved so a busy machine slows them alike.
-Ratios are against naive. The naive path needs about 3 x N x V x 4 bytes.
+Ratios are against naive. The naive path needs about 3 x N x V x 4 bytes. A method that runs out
+of CUDA memory shows OOM in the table and the others still run.
 
 Examples:
   tinyr1 bench kernels                                   # all methods that run here
@@ -109,7 +116,8 @@ def _add_kernels(sub: Any) -> None:
         "kernels", help="fused log-prob kernels vs. full logits", description=KERNELS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--tokens", type=int, default=4096, help="N, tokens per call (default 4096)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="N, tokens per call (default 4096, or fewer so that the methods fit in free memory)")
     p.add_argument("--hidden", type=int, default=2048, help="H, hidden size (default 2048, Qwen2.5-3B)")
     p.add_argument("--vocab", type=int, default=151936, help="V, vocabulary (default 151936, Qwen2.5)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="input dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -152,18 +160,34 @@ def _bench_root(args: argparse.Namespace) -> int:
 
 
 def _available_bytes() -> int:
+    """RAM a new allocation can get: Linux MemAvailable (free + reclaimable cache), else free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
 
 
+def _free_bytes(device: Any) -> int:
+    """Memory the benchmark may use: free device memory on CUDA, available RAM on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _available_bytes()
+
+
 def _check_args(args: argparse.Namespace, device: Any, methods: list[str]) -> None:
-    from tinyr1.kernels.liger import liger_available
+    from tinyr1.kernels.liger import liger_unavailable_reason
     from tinyr1.kernels.logprob import triton_available
 
     for name in ("tokens", "hidden", "vocab", "repeats"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
@@ -173,8 +197,8 @@ def _check_args(args: argparse.Namespace, device: Any, methods: list[str]) -> No
                           "Use --methods naive,torch on the CPU.")
     if "triton" in methods and not triton_available():
         raise DeviceError("method triton needs the triton package: pip install 'tinyr1[kernels]'")
-    if "liger" in methods and not liger_available():
-        raise DeviceError("method liger needs liger-kernel: pip install 'tinyr1[kernels]'")
+    if "liger" in methods and (reason := liger_unavailable_reason()) is not None:
+        raise DeviceError(f"method liger: {reason}")
     naive_bytes = 3 * args.tokens * args.vocab * 4
     if "naive" in methods and device.type == "cpu" and naive_bytes > 0.8 * _available_bytes():
         raise DeviceError(f"naive needs about {naive_bytes / 2**30:.1f} GiB for --tokens {args.tokens}, more than this "
@@ -192,38 +216,55 @@ def _machine(device: Any) -> str:
 def _kernels(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
-    from rich.table import Table
 
-    from tinyr1.kernels.bench import BenchResult, bench_kernels
+    from tinyr1.kernels.bench import OOM, bench_kernels, default_tokens
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda but CUDA is not available here; use --device cpu")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     methods = args.methods or (["naive", "torch", "triton", "liger"] if use_cuda else ["naive", "torch"])
-    _check_args(args, device, methods)
     dtype_name = args.dtype or ("bf16" if use_cuda else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    sized = ""
+    if args.tokens is None and args.hidden >= 1 and args.vocab >= 1:
+        free = _free_bytes(device)
+        args.tokens = default_tokens(methods, args.hidden, args.vocab, dtype, free)
+        sized = f" (sized to 80% of {free / 2**30:.1f} GiB free; --tokens to choose)"
+    _check_args(args, device, methods)
     console = Console()
-    console.print(f"[bold]bench kernels[/]: N={args.tokens} H={args.hidden} V={args.vocab} {dtype_name} "
+    console.print(f"[bold]bench kernels[/]: N={args.tokens}{sized} H={args.hidden} V={args.vocab} {dtype_name} "
                   f"T={args.temperature} entropy={args.entropy} on {_machine(device)}; "
                   f"median of {args.repeats} interleaved runs after 1 warm-up")
 
     def show(r: BenchResult) -> None:
-        console.print(f"  {r.method}: {r.seconds:.3f} s, peak {r.peak_bytes / 2**20:.1f} MiB")
+        if r.error == OOM:
+            console.print(f"  {r.method}: out of CUDA memory at N={args.tokens} (lower --tokens to measure it)")
+        elif r.seconds is not None and r.peak_bytes is not None:
+            console.print(f"  {r.method}: {r.seconds:.3f} s, peak {r.peak_bytes / 2**20:.1f} MiB")
 
     results = bench_kernels(methods, args.tokens, args.hidden, args.vocab, dtype, device, args.temperature,
                             args.repeats, args.entropy, args.chunk_size, on_result=show)
-    base = next((r for r in results if r.method == "naive"), None)
+    console.print(_table(results))
+    return 0
+
+
+def _table(results: list[BenchResult]) -> Table:
+    """The results as a rich Table; a failed method (OOM) shows its error, ratios need both runs."""
+    from rich.table import Table
+
+    base = next((r for r in results if r.method == "naive" and r.error is None), None)
     table = Table(title="forward + backward of per-token log-probs")
     for col in ("method", "time (s)", "peak memory (MiB)", "time / naive", "naive memory / memory", "max |Δ logp|"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in results:
+        if r.error is not None:
+            table.add_row(r.method, r.error, r.error, "-", "-", "-")
+            continue
         table.add_row(
             r.method, f"{r.seconds:.3f}", f"{r.peak_bytes / 2**20:.1f}",
             f"{r.seconds / base.seconds:.2f}x" if base else "-",
             f"{base.peak_bytes / max(r.peak_bytes, 1):.1f}x" if base else "-",
             f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else "-",
         )  # fmt: skip
-    console.print(table)
-    return 0
+    return table
