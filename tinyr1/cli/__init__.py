@@ -20,9 +20,12 @@ tinyr1 - reinforce a small video language model's reasoning with GRPO on one GPU
 
 Typical session:
   tinyr1 train --preset tiny                       # CPU demo: synthetic videos, tiny model
+  tinyr1 doctor                                    # is this machine ready? versions, GPU kernels, 2 GRPO steps
   tinyr1 presets list                              # what presets exist
   tinyr1 presets show 24gb                         # every resolved value, explained
   tinyr1 train --preset 24gb --set data.train=nextqa.jsonl --set data.video_root=videos/
+  tinyr1 train --preset auto --set data.train=nextqa.jsonl --set data.video_root=videos/
+                                                   # the largest GPU preset that fits this GPU
 """
 
 
