@@ -1,7 +1,8 @@
-"""examples/ and the README's "Evaluate, ask, release" section: scripts have their header, every `tinyr1` command in them
-parses with the real CLI (and its `--set` keys validate against the preset), the custom reward
-plugs in by `module:function`, and (slow) the tiny CPU pipeline and the documented commands run
-end to end as written."""
+"""examples/, benchmarks/gpu_check.sh and the README's "Evaluate, ask, release" section: scripts have
+their header, every `tinyr1` command in them parses with the real CLI (and its `--set` keys validate
+against the preset), the custom reward plugs in by `module:function`, the GPU check script keeps its
+time budget and reports every step (with stub commands, on the CPU), and (slow) the tiny CPU pipeline
+and the documented commands run end to end as written."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tinyr1.rewards import compute_rewards, resolve_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
 README = ROOT / "README.md"
 USAGE_HEADING = "## Evaluate, ask, release"
 SCRIPTS = ("tiny_cpu.sh", "nextqa_24gb.sh", "custom_reward.py")
@@ -48,8 +50,29 @@ def tinyr1_commands(text: str) -> list[list[str]]:
     return out
 
 
+# after these words `tinyr1` is a name, not a command run: `command -v tinyr1`, `[ "$1" = tinyr1 ]`
+LOOKUPS = ("command", "-v", "which", "type", "-P", "hash", "=", "==")
+
+
+def wrapped_tinyr1_commands(text: str) -> list[list[str]]:
+    """Every `tinyr1 ...` command in a shell script, also where a helper runs it (`run_step NAME
+    LIMIT tinyr1 ...`): from the `tinyr1` word to the end of the command (`|`, `;`, `&&`, `>`)."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    out = []
+    for line in joined.splitlines():
+        if line.strip().startswith("#") or "tinyr1 " not in line:
+            continue
+        words = shlex.split(line, comments=True)
+        starts = [i for i, w in enumerate(words) if w == "tinyr1" and (i == 0 or words[i - 1] not in LOOKUPS)]
+        if starts:
+            argv = words[starts[0]:]
+            ends = [i for i, w in enumerate(argv) if w in ("|", "||", "&&", ";", ">", ">>", "2>&1")]
+            out.append(argv[: ends[0]] if ends else argv)
+    return out
+
+
 def with_dummy_values(argv: list[str]) -> list[str]:
-    """Shell variables -> placeholders (counts for *_N / *_STEPS, else paths); "${X[@]}" dropped."""
+    """Shell variables -> placeholders (counts for *_N / *STEPS, else paths); "${X[@]}" dropped."""
     out = []
     for tok in argv:
         if re.fullmatch(r"\$\{\w+\[@\]\}", tok):
@@ -60,7 +83,7 @@ def with_dummy_values(argv: list[str]) -> list[str]:
 
 def _placeholder(m: re.Match[str]) -> str:
     name = m.group(1)
-    return "2" if name.endswith(("_N", "_STEPS")) else f"/tmp/{name.lower()}"
+    return "2" if name.endswith(("_N", "STEPS")) else f"/tmp/{name.lower()}"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -86,6 +109,69 @@ def test_every_tinyr1_command_parses(source: str) -> None:
             overrides = [o for o in args.overrides if "custom_reward" not in o]
             load_config(args.preset, overrides)  # every --set key exists and validates
     assert {"train", "eval", "merge"} <= seen
+
+
+def test_every_tinyr1_command_anywhere_in_the_readme_parses() -> None:
+    parser = build_parser()
+    commands = tinyr1_commands(README.read_text())
+    assert {"doctor", "plan", "train"} <= {c[1] for c in commands}
+    for argv in commands:
+        args = parser.parse_args(with_dummy_values(argv[1:]))
+        if args.command == "train" and getattr(args, "preset", None) not in (None, "auto"):
+            load_config(args.preset, args.overrides)
+
+
+def test_gpu_check_script_parses_and_every_tinyr1_command_in_it_parses() -> None:
+    head = GPU_CHECK.read_text()[:3000]
+    assert "Needs:" in head and "Takes:" in head and "Usage:" in head
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+    assert GPU_CHECK.stat().st_mode & 0o111, "gpu_check.sh should be executable"
+    assert not (ROOT / "benchmarks" / "gpu_presets.sh").exists(), "gpu_check.sh replaces gpu_presets.sh"
+    parser = build_parser()
+    seen = []
+    for argv in wrapped_tinyr1_commands(GPU_CHECK.read_text()):
+        args = parser.parse_args(with_dummy_values(argv[1:]))
+        seen.append(args.command + (f" {args.bench_command or '--preset'}" if args.command == "bench" else ""))
+        if args.command == "train":
+            load_config(args.preset, args.overrides)  # every --set key exists and validates
+    assert seen == ["doctor", "bench kernels", "init-tiny", "train", "bench --preset"], seen
+
+
+STUB_TINYR1 = """#!/usr/bin/env bash
+echo "tinyr1 $*" >> "$STUB_LOG"
+case "$1 $2" in
+  "bench kernels") echo "kernel trouble"; exit 3 ;;
+  "train --preset") sleep "$STUB_TRAIN_S" ;;
+esac
+echo "stub: tinyr1 $1 ok"
+"""
+
+
+def test_gpu_check_script_runs_every_step_within_its_budget_and_reports_each(tmp_path: Path) -> None:
+    """With stub `python3` (says CUDA is there) and `tinyr1` commands: the steps run in order with
+    their arguments, a failing step is reported and makes the exit status 1, and the steps that
+    the time budget no longer allows are skipped and listed, not started."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text("#!/usr/bin/env bash\necho stub-python\n")
+    (stubs / "tinyr1").write_text(STUB_TINYR1)
+    for f in stubs.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", STUB_LOG=str(log), STUB_TRAIN_S="4",
+               BUDGET_S="23", PRESETS="8gb 24gb")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU_CHECK), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ["doctor", "bench", "init-tiny", "train"], calls
+    assert f"--json {out}/doctor.json" in calls[0] and "model.device=cuda" in calls[3]
+    assert f"train.output_dir={out}/tiny-run" in calls[3] and "train.steps=20" in calls[3]
+    summary = {line.split()[0]: line.split()[1] for line in (out / "summary.txt").read_text().splitlines()}
+    assert summary == {"doctor": "ok", "kernels": "failed", "tiny-init": "ok", "tiny": "ok",
+                       "bench-8gb": "skipped", "bench-24gb": "skipped"}, summary
+    assert "kernel trouble" in (out / "kernels.txt").read_text()
+    assert (out / "machine.txt").is_file() and "budget 23s" in (out / "machine.txt").read_text()
 
 
 def test_custom_reward_plugs_in_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
