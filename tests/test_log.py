@@ -11,16 +11,22 @@ import pytest
 import torch
 from rich.console import Console
 
+from tinyr1 import log
 from tinyr1.cli import main
 from tinyr1.errors import CheckpointError, TinyR1Error
 from tinyr1.log import (
+    PEAK_MEMORY,
+    PEAK_MEMORY_STEP,
     RunLogger,
     format_bytes,
     peak_memory_bytes,
     plot_run,
     read_eval,
     read_metrics,
+    step_peak_memory_bytes,
 )
+
+MiB = 2**20
 
 
 def quiet_console() -> tuple[Console, io.StringIO]:
@@ -168,3 +174,53 @@ def test_memory_and_bytes_helpers() -> None:
     assert format_bytes(512) == "512 B"
     assert format_bytes(1536) == "1.50 KiB"
     assert format_bytes(3 * 1024**3) == "3.00 GiB"
+
+
+def _can_reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_reset_peak_rss(), reason="the CPU step peak needs /proc/self/clear_refs (Linux)")
+def test_step_peak_is_this_steps_own_on_cpu() -> None:
+    """A 256 MiB step, then a step that allocates nothing: the second step's peak is its own (not the
+    process maximum), while the run's peak still remembers the first step."""
+    step_peak_memory_bytes("cpu")  # the window starts here
+    big = torch.ones(64 * MiB)  # [64 Mi] fp32, 256 MiB written, so resident
+    del big  # large blocks are unmapped at once: the RSS drops back
+    first = step_peak_memory_bytes("cpu")
+    second = step_peak_memory_bytes("cpu")
+    assert first - second > 200 * MiB, (first, second)
+    assert peak_memory_bytes("cpu") >= first
+
+
+def test_step_peak_without_a_reset_is_the_process_peak_with_a_note(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(log, "_CLEAR_REFS", tmp_path / "no-proc" / "clear_refs")  # not Linux: nothing to reset
+    monkeypatch.setattr(log, "_warned_no_step_peak", False)
+    with pytest.warns(RuntimeWarning, match="process peak RSS"):
+        peak = step_peak_memory_bytes("cpu")
+    assert peak == peak_memory_bytes("cpu")
+    step_peak_memory_bytes("cpu")  # warned once per process, not per step
+
+
+@pytest.mark.gpu
+def test_step_peak_is_this_steps_own_on_cuda() -> None:
+    step_peak_memory_bytes("cuda")
+    big = torch.ones(64 * MiB, device="cuda")  # [64 Mi] fp32, 256 MiB
+    del big
+    first = step_peak_memory_bytes("cuda")
+    second = step_peak_memory_bytes("cuda")
+    assert first >= 256 * MiB > second
+    assert peak_memory_bytes("cuda") >= first  # reset_peak_memory_stats did not lose the run's peak
+
+
+def test_summary_shows_the_step_peak_beside_the_runs() -> None:
+    assert PEAK_MEMORY_STEP == "memory/step_peak_bytes" and PEAK_MEMORY == "memory/peak_bytes"
+    both = RunLogger.summary({PEAK_MEMORY_STEP: 1024**3, PEAK_MEMORY: 3 * 1024**3})
+    assert both == "peak 1.00 GiB step / 3.00 GiB run"
+    assert RunLogger.summary({PEAK_MEMORY: 3 * 1024**3}) == "peak 3.00 GiB"
+    assert RunLogger.summary({PEAK_MEMORY_STEP: 1024**3}) == "peak 1.00 GiB step"

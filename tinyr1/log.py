@@ -12,7 +12,8 @@ and read back as NaN.
 
 The live line reads these keys when present (others are only written): `reward`, `accuracy` or
 `rewards/accuracy/mean`, `completions/mean_length`, `kl`, `step_time` with its split
-`time/rollout` + `time/update`, and `memory/peak_bytes`.
+`time/rollout` + `time/update`, `memory/step_peak_bytes` (this step's peak, from
+`step_peak_memory_bytes`) and `memory/peak_bytes` (the run's, from `peak_memory_bytes`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,24 +39,93 @@ EVAL_FILE = "eval.jsonl"
 STEP_TIME = "step_time"
 ROLLOUT_TIME = "time/rollout"
 UPDATE_TIME = "time/update"
-PEAK_MEMORY = "memory/peak_bytes"
+PEAK_MEMORY = "memory/peak_bytes"  # the run's peak so far (peak_memory_bytes)
+PEAK_MEMORY_STEP = "memory/step_peak_bytes"  # this step's own peak (step_peak_memory_bytes)
 ACCURACY_KEYS = ("rewards/accuracy/mean", "accuracy")
+
+# Linux: writing "5" here resets the peak RSS (VmHWM in /proc/self/status) to the current RSS.
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+# Per device: the largest peak step_peak_memory_bytes read before resetting it. The reset lowers
+# the process high-water mark (CUDA max_memory_allocated; ru_maxrss follows VmHWM), so the run's
+# peak is kept here.
+_PEAKS_RESET_AWAY: dict[str, int] = {}
+_warned_no_step_peak = False
 
 
 # ----------------------------------------------------------------------------- small helpers
 
 
-def peak_memory_bytes(device: Any) -> int:
-    """Peak memory of this process on `device`: CUDA max_memory_allocated, else peak RSS."""
+def _device_key(device: Any) -> tuple[Any, str]:
+    """(torch.device with the CUDA index filled in, its name as a dict key)."""
     import torch  # heavy; `tinyr1 report` reads logs through this module and never needs it
 
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev, str(dev)
+
+
+def _high_water_mark(dev: Any) -> int:
+    """The process high-water mark since start or the last reset: CUDA max_memory_allocated, else
+    peak RSS."""
+    import torch
+
     if dev.type == "cuda":
         return int(torch.cuda.max_memory_allocated(dev))
     import resource  # Unix-only (Windows has no `resource`), so only where it is used
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def peak_memory_bytes(device: Any) -> int:
+    """The run's (process') peak memory on `device`: CUDA max_memory_allocated, else peak RSS,
+    including peaks that `step_peak_memory_bytes` has reset since."""
+    dev, key = _device_key(device)
+    return max(_high_water_mark(dev), _PEAKS_RESET_AWAY.get(key, 0))
+
+
+def _vm_hwm() -> int | None:
+    """Linux peak RSS since the last clear_refs reset (VmHWM), bytes; None where there is none."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def step_peak_memory_bytes(device: Any) -> int:
+    """Peak memory on `device` since the previous call (the first call: since the process started),
+    then reset, so that each call at the end of a step measures that step alone.
+
+    CUDA: torch.cuda.max_memory_allocated, reset with reset_peak_memory_stats. CPU: the peak RSS
+    (VmHWM), reset through /proc/self/clear_refs (Linux). Where that cannot be reset, this returns
+    the process peak and warns once. The run's peak (`peak_memory_bytes`) keeps what was reset.
+    """
+    global _warned_no_step_peak
+    import torch
+
+    dev, key = _device_key(device)
+    if dev.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(dev))
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        peak = _vm_hwm()
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            peak = None
+        if peak is None:
+            if not _warned_no_step_peak:
+                _warned_no_step_peak = True
+                warnings.warn(f"{PEAK_MEMORY_STEP} is the process peak RSS here: {_CLEAR_REFS} cannot reset "
+                              "it (Linux only), so it never decreases", RuntimeWarning, stacklevel=2)
+            return peak_memory_bytes(dev)
+    _PEAKS_RESET_AWAY[key] = max(_PEAKS_RESET_AWAY.get(key, 0), peak)
+    return peak
 
 
 def format_bytes(n: float) -> str:
@@ -285,8 +356,11 @@ class RunLogger:
             if ROLLOUT_TIME in metrics and UPDATE_TIME in metrics:
                 t += f" (rollout {_num(metrics[ROLLOUT_TIME]):.1f} + update {_num(metrics[UPDATE_TIME]):.1f})"
             parts.append(t)
-        if PEAK_MEMORY in metrics:
-            parts.append(f"peak {format_bytes(_num(metrics[PEAK_MEMORY]))}")
+        peaks = [f"{format_bytes(_num(metrics[k]))}{label}" for k, label in
+                 ((PEAK_MEMORY_STEP, " step"), (PEAK_MEMORY, " run" if PEAK_MEMORY_STEP in metrics else ""))
+                 if k in metrics]
+        if peaks:
+            parts.append("peak " + " / ".join(peaks))
         return " · ".join(parts)
 
 
