@@ -52,7 +52,7 @@ def test_corrupted_nf4_matmul_fails_and_exits_1(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: real(self, x) * 1.01)  # 1% off
     assert main(["doctor", "--only", "nf4"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and "1 row off by" in out and "8 rows off by" in out
+    assert "FAIL" in out and "1 row off by" in out and "8 rows off by" in out and "training forward off by" in out
     assert "1 FAIL" in out
 
 

@@ -143,9 +143,10 @@ def _needs_cuda(probe: Probe, why: str = "") -> None:
 
 
 def check_nf4(probe: Probe) -> Check:
-    """bitsandbytes NF4: the layer tinyr1's loader makes (`quantize_llm_nf4`), forward with 1 row (the
-    4-bit gemv path on CUDA) and 8 rows (dequantize + matmul) and the input gradient LoRA training
-    needs, against x @ dequantize(W)^T in fp32; and the dequantized weights close to the originals."""
+    """bitsandbytes NF4: the layer tinyr1's loader makes (`quantize_llm_nf4`), inference with 1 row (the
+    4-bit gemv kernel on CUDA) and 8 rows (dequantize + matmul), and a training forward with the input
+    gradient LoRA needs, against x @ dequantize(W)^T in fp32; and the dequantized weights close to the
+    originals (a broken quantizer agrees with its own dequantization)."""
     try:
         import bitsandbytes as bnb
     except ImportError as err:
@@ -167,13 +168,17 @@ def check_nf4(probe: Probe) -> Check:
     quant_err = _rel(w_deq, w.to(w_deq.device))
     if quant_err > 0.15:  # 4-bit NF4 of Gaussian weights rounds by ~9%
         problems.append(f"dequantized weights {quant_err:.1%} off the originals (expected ~9%)")
-    for rows in (1, 8):
-        x = torch.randn(rows, 256, generator=gen).to(probe.device, dtype).requires_grad_()  # [rows, in]
-        y = q(x)  # [rows, out]
-        g = torch.randn(y.shape, generator=gen).to(probe.device, y.dtype)
-        (dx,) = torch.autograd.grad((y.float() * g.float()).sum(), x)
-        errs[f"{rows} row{'s' * (rows > 1)}"] = _rel(y, x.detach().float() @ w_deq.t())
-        errs[f"d input ({rows})"] = _rel(dx, g.float() @ w_deq)
+    for rows in (1, 8):  # inference (no grad): 1 row takes bitsandbytes' 4-bit gemv kernel on CUDA
+        x = torch.randn(rows, 256, generator=gen).to(probe.device, dtype)  # [rows, in]
+        with torch.no_grad():
+            y = q(x)  # [rows, out]
+        errs[f"{rows} row{'s' * (rows > 1)}"] = _rel(y, x.float() @ w_deq.t())
+    x = torch.randn(8, 256, generator=gen).to(probe.device, dtype).requires_grad_()  # training: grad to x
+    y = q(x)
+    g = torch.randn(y.shape, generator=gen).to(probe.device, y.dtype)
+    (dx,) = torch.autograd.grad((y.float() * g.float()).sum(), x)
+    errs["training forward"] = _rel(y, x.detach().float() @ w_deq.t())
+    errs["d input"] = _rel(dx, g.float() @ w_deq)
     problems += [f"{k} off by {v:.1e} (tolerance {tol:.0e})" for k, v in errs.items() if not v <= tol]
     detail = (f"{str(dtype).removeprefix('torch.')} on {probe.device.type}: "
               + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f"; NF4 rounding {quant_err:.1%}")
