@@ -108,7 +108,7 @@ def test_non_tiny_preset_on_cpu_runs_at_a_stated_reduced_scale(tmp_path: Path, c
     assert res["arch"]["layers"] == 1 and res["arch"]["hidden"] == 64 and res["arch"]["vocab"] == 1024
     assert res["shape"]["prompts"] == 2 and res["shape"]["max_new_tokens"] == 4 and res["shape"]["quant"] == "nf4"
     assert res["estimate"]["shape"] == res["shape"]  # the estimate is for the shapes that ran
-    assert res["new_tokens"] == [2 * 4 * 4]  # 12gb: G = 4
+    assert res["new_tokens"] == [2 * 8 * 4]  # 12gb: G = 8
     full = res["full_estimate"]
     # Full size: the preset's 8 prompts on its GPU; the user's --set values apply there too.
     assert full["shape"]["prompts"] == 8 and full["shape"]["max_new_tokens"] == 4 and full["shape"]["lora_r"] == 4

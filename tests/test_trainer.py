@@ -192,6 +192,6 @@ def test_liger_on_without_liger_kernel_is_refused_before_loading(assets: Path, t
 
     cfg = _cfg(assets, tmp_path / "run")
     cfg = replace(cfg, model=replace(cfg.model, liger="on", path=str(tmp_path / "no-model-here")))  # a CUDA config
-    monkeypatch.setattr(context, "liger_available", lambda: False)
-    with pytest.raises(DeviceError, match=r"pip install 'tinyr1\[kernels\]'"):
+    monkeypatch.setattr(context, "liger_unavailable_reason", lambda: "liger-kernel is not installed: pip install x")
+    with pytest.raises(DeviceError, match=r"model.liger = \"on\": liger-kernel is not installed: pip install x"):
         context.build_model(cfg)

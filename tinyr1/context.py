@@ -18,7 +18,7 @@ from tinyr1.config import Config
 from tinyr1.data import Sample, load_dataset
 from tinyr1.errors import DeviceError
 from tinyr1.hf_compat import quiet_peft
-from tinyr1.kernels import apply_liger, liger_available, resolve_backend
+from tinyr1.kernels import apply_liger, liger_unavailable_reason, resolve_backend
 from tinyr1.model.loading import add_lora, load_tinyllava, prepare_for_training, trainable_parameters
 from tinyr1.model.tinyllava import TinyLlavaVideo
 from tinyr1.optim import make_optimizer, make_scheduler
@@ -75,8 +75,9 @@ def reference_connector(model: TinyLlavaVideo) -> nn.Module:
 def build_model(cfg: Config) -> tuple[TinyLlavaVideo, Any]:
     """Load the checkpoint (NF4 when configured), add LoRA, freeze the rest: (model, tokenizer)."""
     m = cfg.model
-    if m.liger == "on" and not liger_available():  # refuse before loading any weights
-        raise DeviceError("model.liger = \"on\" needs liger-kernel: pip install 'tinyr1[kernels]' "
+    why_not = liger_unavailable_reason() if m.liger == "on" else None
+    if why_not is not None:  # refuse before loading any weights
+        raise DeviceError(f"model.liger = \"on\": {why_not} "
                           "(or set model.liger = \"auto\" to run unfused without it)")
     loaded = load_tinyllava(m.path, quant=m.quant, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
     if m.liger == "on" or (m.liger == "auto" and loaded.model.device.type == "cuda"):

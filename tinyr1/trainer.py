@@ -43,7 +43,16 @@ from tinyr1.context import Context
 from tinyr1.data import Sample
 from tinyr1.evaluate import decode_completions, prompt_tensor
 from tinyr1.feed import SampleFeeder
-from tinyr1.log import PEAK_MEMORY, ROLLOUT_TIME, STEP_TIME, UPDATE_TIME, RunLogger, peak_memory_bytes
+from tinyr1.log import (
+    PEAK_MEMORY,
+    PEAK_MEMORY_STEP,
+    ROLLOUT_TIME,
+    STEP_TIME,
+    UPDATE_TIME,
+    RunLogger,
+    peak_memory_bytes,
+    step_peak_memory_bytes,
+)
 from tinyr1.logprobs import completion_logprobs
 from tinyr1.loss import completion_mask, group_advantages, policy_loss, sum_metrics, truncated_rows
 from tinyr1.model.loading import adapters_disabled, trainable_parameters
@@ -55,6 +64,7 @@ Batch = list[tuple[Sample, torch.Tensor]]  # (sample, pixels [T, 3, S, S]) per p
 
 def grpo_step(ctx: Context, batch: Batch) -> tuple[Rollout, dict[str, float]]:
     """One GRPO step on B prompts: rollout -> rewards -> advantages -> update; (rollout, metrics)."""
+    step_peak_memory_bytes(ctx.model.device)  # the step's own peak starts here (saves, evals excluded)
     t0 = time.perf_counter()
     ro = rollout_step(ctx, batch)  # G completions per prompt, scored, with advantages
     t1 = time.perf_counter()
@@ -62,6 +72,7 @@ def grpo_step(ctx: Context, batch: Batch) -> tuple[Rollout, dict[str, float]]:
     t2 = time.perf_counter()
     metrics = step_metrics(ctx, ro, update)
     metrics.update({STEP_TIME: t2 - t0, ROLLOUT_TIME: t1 - t0, UPDATE_TIME: t2 - t1,
+                    PEAK_MEMORY_STEP: step_peak_memory_bytes(ctx.model.device),
                     PEAK_MEMORY: peak_memory_bytes(ctx.model.device)})
     return ro, metrics
 

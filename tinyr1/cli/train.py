@@ -72,14 +72,19 @@ def _check_memory(cfg: Config, no_check: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
 
     from tinyr1.config_io import load_config, resolve_output_dir
+    from tinyr1.device import configure_cuda_allocator
     from tinyr1.errors import ConfigError
     from tinyr1.session import train
 
     console = Console()
+    allocator = configure_cuda_allocator()  # before anything initializes CUDA
     apply_threads(args.threads)
+    if torch.cuda.is_available():
+        console.print(allocator)
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
@@ -87,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if args.overrides:
             raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
+        prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
-        prepare_demo_assets(cfg, console)
         out = train(cfg, resume=run_dir, console=console)
     else:
         source = args.config or args.preset
@@ -99,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
+        prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
-        prepare_demo_assets(cfg, console)
         out = train(cfg, console=console)
     print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
     console.print(f"run folder: {out}")
