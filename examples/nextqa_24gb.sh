@@ -51,7 +51,7 @@ echo "== 3. check every row and decode every clip before a long run (exit code 1
 tinyr1 data check "$DATA/nextqa_0-30s.jsonl" --video-root "$DATA" --frames 16
 tinyr1 data check "$DATA/nextqa-coldstart-16.json" --video-root "$DATA" --frames 16
 
-echo "== 4. cold start (16 examples) + GRPO, LoRA r64 on the 4-bit LLM, connector trained"
+echo "== 4. cold start (16 examples) + GRPO, LoRA r64 on the bf16 LLM (the 24gb preset has the room), connector trained"
 # The cold start's lr is raised from the paper's 1e-5 (full fine-tuning) because only LoRA
 # adapters train here; 16 examples at batch 4 = 4 steps, as in the paper.
 STEPS_ARGS=()

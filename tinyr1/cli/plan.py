@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     title = (f"{cfg.preset}: B={shape.prompts} prompts x G={shape.group_size}, {shape.frames} frames, "
              f"{shape.max_new_tokens} new tokens, micro-batch {shape.micro_batch}, LoRA r={shape.lora_r}, "
              f"{shape.quant}/{shape.dtype} on {shape.device}")
+    if cfg.model.dtype == "auto" and shape.device == "cuda":
+        title += " (dtype auto: bf16 where the GPU supports it, else fp16 with loss scaling, the same bytes)"
     table = Table(title=title, title_justify="left")
     table.add_column("component")
     table.add_column(f"rollout ({est.rollout_moment})", justify="right")
