@@ -1,8 +1,8 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a folder `RUN/checkpoints/step-NNNNNN/` holding the PEFT adapter (loadable by plain
-`peft`), the connector when it trains, optimizer + scheduler state, RNG states and the data
-position. It is written into a temporary folder first and renamed into place only when complete,
+`peft`), the connector when it trains, optimizer + scheduler state, RNG states (every rank's, under
+torchrun) and the data position. It is written into a temporary folder first and renamed into place only when complete,
 so a run killed at any moment resumes from the last complete checkpoint. Nothing is unpickled
 beyond tensors and plain containers (`torch.load(weights_only=True)`).
 """
@@ -26,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 ADAPTER = "adapter"
 CONNECTOR_FILE = "connector.safetensors"
+RANK_RNG_FILE = "rng_ranks.pt"  # {"world_size": N, "states": N x rank_rng_state()}
 
 
 @dataclass
@@ -60,8 +61,10 @@ def save_checkpoint(
     train_connector: bool,
     scaler: torch.amp.GradScaler | None = None,
     keep: int = 2,
+    rank_rng: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write step-N atomically; keep the newest `keep` checkpoints."""
+    """Write step-N atomically; keep the newest `keep` checkpoints. `rank_rng`: each rank's
+    `rank_rng_state()` in rank order (data-parallel runs; rank 0 writes them all)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
@@ -77,6 +80,8 @@ def save_checkpoint(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / "rng.pt")
+    if rank_rng is not None:
+        torch.save({"world_size": len(rank_rng), "states": rank_rng}, tmp / RANK_RNG_FILE)
     (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_dir(tmp)
@@ -139,3 +144,26 @@ def load_checkpoint(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return TrainState(**json.loads((ckpt / "train_state.json").read_text()))
+
+
+def rank_rng_state() -> dict[str, torch.Tensor]:
+    """This process's global torch RNG state (+ its current CUDA device's): what differs per rank."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_rank_rng(ckpt: Path, rank: int, world_size: int) -> int:
+    """Restore rank `rank`'s RNG state from a checkpoint made by the same number of ranks; returns
+    the number of ranks that made it (1 for checkpoints without per-rank states)."""
+    path = Path(ckpt) / RANK_RNG_FILE
+    if not path.is_file():
+        return 1
+    saved = torch.load(path, weights_only=True)
+    if saved["world_size"] == world_size:
+        mine = saved["states"][rank]
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+    return int(saved["world_size"])

@@ -28,6 +28,9 @@ examples:
       the largest GPU preset the memory planner fits on this GPU (printed with the reason)
   tinyr1 train --resume runs/24gb-20261125-101500
       continue a stopped run exactly where its last checkpoint left it
+  torchrun --nproc_per_node 4 -m tinyr1 train --preset 24gb --set data.train=...
+      data-parallel on 4 GPUs: the same update as one GPU running all rollout.prompts_per_step
+      prompts (README, "More than one GPU")
 
 A run folder holds config.toml (fully resolved), metrics.jsonl, completions.jsonl, eval.jsonl,
 checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` / `tinyr1 merge`).
@@ -61,20 +64,23 @@ def _check_memory(cfg: Config, no_check: bool) -> None:
         return
     import torch
 
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(0).total_memory
+    from tinyr1 import distributed as dist
+
+    if torch.cuda.is_available():  # this rank's own GPU (torchrun: LOCAL_RANK)
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         gb = nominal_gpu_gb(cfg.preset)
         if gb is None:
             return
         gpu = int(gb * GiB)
-    check_fits(cfg, gpu)
+    check_fits(cfg, gpu, gpus=dist.world_size())  # each rank rolls out and updates its share of the prompts
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from tinyr1 import distributed as dist
     from tinyr1.config_io import load_config, resolve_output_dir
     from tinyr1.device import configure_cuda_allocator
     from tinyr1.errors import ConfigError
@@ -83,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     allocator = configure_cuda_allocator()  # before anything initializes CUDA
     apply_threads(args.threads)
+    if dist.init_from_env() and not dist.is_main():  # under torchrun: rank 0 speaks for the run
+        console = Console(quiet=True)
     if torch.cuda.is_available():
         console.print(allocator)
     if args.resume:
@@ -92,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
         if args.overrides:
             raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
-        prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
+        if dist.is_main():  # first: the planner then sizes the tiny model, not the 3B default
+            prepare_demo_assets(cfg, console)
+        dist.barrier()  # the other ranks read what rank 0 wrote
         _check_memory(cfg, args.no_check)
         out = train(cfg, resume=run_dir, console=console)
     else:
@@ -104,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
-        prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
+        if dist.is_main():  # first: the planner then sizes the tiny model, not the 3B default
+            prepare_demo_assets(cfg, console)
+        dist.barrier()  # the other ranks read what rank 0 wrote
         _check_memory(cfg, args.no_check)
         out = train(cfg, console=console)
     print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
