@@ -2,14 +2,16 @@
 SCENARIO ASSETS OUT`, and the config both the ranks and the one-process reference train with.
 
 Scenarios: `equivalence` (2 GRPO steps for each loss type), `resume` (4 steps straight; 2, stop,
-resume, 2), `crash` (rank 1's reward raises at step 2). Each rank joins the group through
-`tinyr1.distributed.init_from_env`, as `tinyr1 train` does under torchrun.
+resume, 2). Each rank joins the group through `tinyr1.distributed.init_from_env`, as `tinyr1 train`
+does under torchrun. `failing_reward` is the reward that makes rank 1 fail in the CLI test.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,19 +52,38 @@ def write_assets(root: Path) -> Path:
     bad = dict(json.loads(rows[0]), id=BAD_ID, video_filename="./videos/bad.mp4")
     rows.insert(BAD_ROW, json.dumps(bad))
     train.write_text("\n".join(rows) + "\n")
+    _cold_started_checkpoint(root)
     return root
 
 
+def _cold_started_checkpoint(root: Path) -> None:
+    """root/model_cs: root/model after 6 cold-start steps on those short answers, merged, so that
+    every run starts from a model that ends its completions at different lengths without repeating
+    the cold start."""
+    from rich.console import Console
+
+    from tinyr1.checkpoint import save_adapter
+    from tinyr1.coldstart import run_coldstart
+    from tinyr1.context import build_context, frames_loader, load_split
+    from tinyr1.merge import merge_adapter
+
+    cfg = config(root, root / "unused", f"model.path={root / 'model'}", "coldstart.enabled=true", "coldstart.steps=6")
+    ctx = build_context(cfg, total_steps=1)
+    run_coldstart(ctx, load_split(cfg, cfg.data.coldstart), frames_loader(cfg, 32), Console(quiet=True))
+    save_adapter(ctx.model, root / "coldstart_adapter", train_connector=True)
+    merge_adapter(root / "model", root / "coldstart_adapter", root / "model_cs")
+
+
 def config(assets: Path, out: Path, *extra: str):  # -> Config
-    """The tiny run both sides train: 6 cold-start steps (run by every rank, then broadcast), then
-    8 prompts x G=4, up to 8 new tokens, fp32. One micro-batch holds a rank's 16 rows, so one
-    process's two micro-batches are the ranks' batches."""
+    """The tiny run both sides train: from the cold-started checkpoint, 8 prompts x G=4, up to 8 new
+    tokens, fp32, no cold start. One micro-batch holds a rank's 16 rows, so one process's two
+    micro-batches are the ranks' batches."""
     return load_config("tiny", [
-        f"model.path={assets / 'model'}", "model.synth=false", "data.synth=false",
+        f"model.path={assets / 'model_cs'}", "model.synth=false", "data.synth=false",
         f"data.train={assets / 'data' / 'train.jsonl'}", f"data.coldstart={assets / 'data' / 'coldstart.json'}",
         f"data.video_root={assets / 'data'}", "data.eval=none", "train.eval_every=0", "data.max_bad_fraction=0.1",
         "video.num_frames=4", "video.max_frames=4",
-        "coldstart.enabled=true", "coldstart.steps=6", "coldstart.lr=1e-2", "coldstart.batch_size=8",
+        "coldstart.enabled=false", "coldstart.lr=1e-2", "coldstart.batch_size=8",
         "rollout.num_generations=4", "rollout.prompts_per_step=8", "rollout.max_new_tokens=8", "rollout.top_k=0",
         "rewards.r1=0", "rewards.length=1.0", "rewards.format=0.5", "grpo.beta=0.05", "grpo.noise_std=0.02",
         "train.micro_batch_size=16", "train.lr=1e-3", "train.save_every=0",
@@ -81,19 +102,15 @@ def equivalence(assets: Path, out: Path) -> None:
 def resume(assets: Path, out: Path) -> None:
     from tinyr1.session import train
 
-    extra = ("train.steps=4", "data.eval=" + str(assets / "data" / "eval.jsonl"), "train.eval_every=2")
+    extra = ("train.steps=4", "data.eval=" + str(assets / "data" / "eval.jsonl"), "train.eval_every=2",
+             "coldstart.enabled=true", "coldstart.steps=2", "coldstart.lr=1e-3")  # every rank, then rank 0's broadcast
     train(config(assets, out / "straight", *extra))
     train(config(assets, out / "stopped", *extra), stop_after=2)
     train(load_config(str(out / "stopped" / "config.toml")), resume=out / "stopped")
 
 
-def crash(assets: Path, out: Path) -> None:
-    from tinyr1.session import train
-
-    train(config(assets, out / "crash", "train.steps=4", "rewards.dist_worker:failing_reward=1.0"))
-
-
 calls = 0
+FAILED_AT = "TINYR1_TEST_FAILED_AT"  # file where failing_reward writes the time it raised
 
 
 def failing_reward(completions: list, **_: object) -> list[float]:
@@ -101,12 +118,14 @@ def failing_reward(completions: list, **_: object) -> list[float]:
     global calls
     calls += 1
     if dist.rank() == 1 and calls == 2:
+        if os.environ.get(FAILED_AT):
+            Path(os.environ[FAILED_AT]).write_text(f"{time.time()}\n")
         raise RuntimeError("rank 1 failed on purpose at step 2")
-    return [0.0] * len(completions)
+    return [float(len(c)) for c in completions]
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     scenario, assets_dir, out_dir = sys.argv[1:4]
     dist.init_from_env()
-    {"equivalence": equivalence, "resume": resume, "crash": crash}[scenario](Path(assets_dir), Path(out_dir))
+    {"equivalence": equivalence, "resume": resume}[scenario](Path(assets_dir), Path(out_dir))
