@@ -27,6 +27,14 @@ def cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+def cache_layer_kv(cache: Any, layers: int) -> list[tuple[Any, Any]]:
+    """(keys, values) [B, kv, S, hd] of each layer of a DynamicCache: `cache.layers[i].keys` since
+    the cache-layer refactor, `key_cache[i]` before it."""
+    if hasattr(cache, "layers"):
+        return [(cache.layers[i].keys, cache.layers[i].values) for i in range(layers)]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(layers)]
+
+
 def siglip_core(config: Any) -> nn.Module:
     """The SigLIP transformer itself: older versions nest it as `SiglipVisionModel.vision_model`,
     newer ones flatten it into the model. The original checkpoint keys expect the nested module."""
