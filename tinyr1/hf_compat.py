@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
-from transformers.integrations import sdpa_attention
 
 # 5.2x renamed the decoder's `past_key_values` keyword (and output field) to `cache`.
 CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
@@ -64,13 +63,6 @@ def layer_checkpointing_off(layer: nn.Module) -> Iterator[None]:
     finally:
         if on:
             layer.gradient_checkpointing = True
-
-
-def decode_repeats_kv() -> bool:
-    """Whether SDPA decoding with a mask repeats K/V to every query head (versions without
-    `pack_gqa`): a grouped-query model's decode then holds num_heads / kv_heads copies of K/V.
-    The planner assumes it by default (the worst case); measurements pass what this version does."""
-    return not hasattr(sdpa_attention, "pack_gqa")
 
 
 @contextlib.contextmanager

@@ -98,7 +98,8 @@ def held_out_accuracy(ctx: Context, samples: list[Sample], load: Callable[[Sampl
     wherever training does."""
     cfg, ro = ctx.cfg, ctx.cfg.rollout
     common = dict(load_frames=load, max_new_tokens=ro.max_new_tokens, batch_size=ro.prompts_per_step,
-                  seed=cfg.train.seed + EVAL_SEED_OFFSET, prompt_mode="train")
+                  seed=cfg.train.seed + EVAL_SEED_OFFSET, prompt_mode="train",
+                  sync_every=ro.sync_every, cuda_graphs=ro.cuda_graphs)
     greedy = evaluate(ctx.model, ctx.tokenizer, samples, temperature=0.0, **common)
     sampled = evaluate(ctx.model, ctx.tokenizer, samples, temperature=ro.temperature,
                        num_samples=min(cfg.train.eval_samples, ro.num_generations),

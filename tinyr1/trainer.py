@@ -129,7 +129,7 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
     ids, _ = sample_group(
         model, prompt_ids, video_tokens, group_size=g, max_new_tokens=rc.max_new_tokens,
         eos_id=tok.eos_token_id, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-        generator=ctx.generator,
+        generator=ctx.generator, sync_every=rc.sync_every, cuda_graphs=rc.cuda_graphs,
     )  # [B*G, L]
     texts = decode_completions(tok, ids, completion_mask(ids, tok.eos_token_id))
     columns: dict[str, list[Any]] = {}
