@@ -4,7 +4,8 @@
 (b) tinyr1's sampler before issue #12 (benchmarks/sampler_v1.py: prefill once, K/V repeated to G
     rows, `torch.cat` per token, a device read per token);
 (c) tinyr1's sampler now (`tinyr1.rollout.sample_group`: each prompt's K/V once, preallocated
-    per-row K/V, one device read per `sync_every` tokens).
+    per-row K/V, one device read per `sync_every` tokens);
+(d) with --cuda-graphs: (c) with each decode step replayed from a CUDA graph.
 
 All three get the same random Qwen2-shaped LLM (a TinyLLaVA-Video whose video tokens are given),
 the same B prompts of ~650 positions (512 video tokens + text, lengths differing by a few tokens so
@@ -50,7 +51,9 @@ def build(args: argparse.Namespace) -> tuple[TinyLlavaVideo, list[torch.Tensor],
     )
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = TinyLlavaVideo(TinyLlavaConfig.from_dict(raw)).to(args.device, dtype).requires_grad_(False).eval()
+    with torch.device(args.device):  # random init where it runs: a 3B model initializes in seconds on a GPU
+        model = TinyLlavaVideo(TinyLlavaConfig.from_dict(raw))
+    model = model.to(dtype).requires_grad_(False).eval()
     gen = torch.Generator().manual_seed(1)
     ids, vts = [], []
     text = args.prompt - args.video_tokens + 1  # the -200 sentinel becomes the video tokens
@@ -81,12 +84,15 @@ def samplers(model: TinyLlavaVideo, ids: list[torch.Tensor], vts: list[torch.Ten
     def v1() -> torch.Tensor:
         return sample_group_v1(model, ids, vts, generator=torch.Generator().manual_seed(0), **kw)[0]
 
-    def new() -> torch.Tensor:
+    def new(graphs: bool = False) -> torch.Tensor:
         return sample_group(model, ids, vts, generator=torch.Generator().manual_seed(0), sync_every=args.sync_every,
-                            cuda_graphs=args.cuda_graphs, **kw)[0]
+                            cuda_graphs=graphs, **kw)[0]
 
-    return {"(a) HF generate, num_return_sequences=G": hf, "(b) tinyr1 before #12": v1,
+    runs = {"(a) HF generate, num_return_sequences=G": hf, "(b) tinyr1 before #12": v1,
             "(c) tinyr1 shared-prefix decode": new}
+    if args.cuda_graphs:
+        runs["(d) (c) + CUDA graphs"] = lambda: new(graphs=True)
+    return runs
 
 
 def peak_bytes(fn: Callable[[], torch.Tensor], device: str) -> int:
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     a("--group", type=int, default=8, help="G")
     a("--new-tokens", type=int, default=128)
     a("--sync-every", type=int, default=16)
-    a("--cuda-graphs", action="store_true")
+    a("--cuda-graphs", action="store_true", help="add (d): (c) with rollout.cuda_graphs (CUDA only)")
     a("--reps", type=int, default=3, help="timed repetitions of each (after one warm-up)")
     a("--threads", type=int, default=None)
     a("--only", default=None, help="comma-separated letters to run, e.g. 'b,c'")

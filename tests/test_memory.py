@@ -69,6 +69,8 @@ def test_tracker_counts_live_storages_once() -> None:
         (4, 4, 16, 2, 4, "fp32", 0.05),  # decode (KV cache) and layer backward dominate
         (8, 2, 8, 2, 2, "fp32", 0.05),  # many frames, short completions: prefill and connector
         (2, 8, 16, 1, 4, "bf16", 0.0),  # 16-bit path: fp32 copies for the LoRA inputs and norms
+        (2, 8, 64, 2, 8, "fp32", 0.0),  # decode peaks: each prompt's K/V once + preallocated completion K/V
+        (2, 8, 96, 2, 8, "bf16", 0.0),  # the same in 16 bits (fp32 attention scores)
     ],
 )
 def test_planner_within_20_percent_of_measured_peaks(tmp_path, frames, group, new_tokens, prompts, micro, dtype,

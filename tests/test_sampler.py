@@ -181,3 +181,13 @@ def test_cuda_graph_decode_gives_the_eager_tokens() -> None:
     graphed = sample_group(model, ids, vts, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
     assert torch.equal(graphed[0], eager[0])
     torch.testing.assert_close(graphed[1], eager[1], atol=1e-4, rtol=0)
+
+
+def test_rollout_benchmark_runs_all_three_samplers(capsys: pytest.CaptureFixture[str]) -> None:
+    from rollout import main as rollout_benchmark
+
+    rollout_benchmark(["--hidden", "64", "--layers", "1", "--vocab", "512", "--prompt", "40", "--video-tokens", "16",
+                       "--prompts", "2", "--group", "2", "--new-tokens", "4", "--reps", "1"])
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| (")]
+    assert [ln[:5] for ln in table] == ["| (a)", "| (b)", "| (c)"]
+    assert all("MiB" in ln for ln in table)
