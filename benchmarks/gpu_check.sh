@@ -7,7 +7,9 @@
 #   3. the tiny preset on the GPU: cold start + 20 GRPO steps + evaluation, through `tinyr1 train`
 #      (bf16, Triton log-probs and liger where installed; the tiny model is written first, so the
 #      memory planner sees the tiny model and not the 3B default)
-#   4. tinyr1 bench --preset P --steps 2 for each GPU preset, at full size on a random checkpoint of
+#   4. the GPU-marked tests (CUDA-graph decode == eager decode, ...) and benchmarks/rollout.py at the
+#      3B shapes in bf16: HF generate vs the sampler before issue #12 vs now (+ CUDA graphs)
+#   5. tinyr1 bench --preset P --steps 2 for each GPU preset, at full size on a random checkpoint of
 #      the 3B architecture (nothing is downloaded): seconds per phase and peak memory beside the plan
 #
 # Needs:  one NVIDIA GPU, CUDA torch, tinyr1 installed with bitsandbytes, decord and av (triton and
@@ -19,7 +21,7 @@
 # Usage:  benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: gpu_check-DATE)
 #         PRESETS="8gb 24gb" STEPS=2 BUDGET_S=900 CKPT=/data/random-3b benchmarks/gpu_check.sh out/
 # Results in OUT_DIR: machine.txt, doctor.txt + doctor.json, kernels.txt, tiny.txt + tiny-run/
-# (metrics.jsonl, eval.jsonl), bench-<preset>.txt + .json, summary.txt. Paste the numbers into
+# (metrics.jsonl, eval.jsonl), gpu-tests.txt, rollout.txt, bench-<preset>.txt + .json, summary.txt. Paste the numbers into
 # docs/BENCHMARKS.md with the machine and date. Exit status 1 when a step failed.
 set -uo pipefail
 
@@ -86,6 +88,9 @@ run_step tiny 150 tinyr1 train --preset tiny --set model.device=cuda --set model
     --set data.coldstart="$work/tiny/data/coldstart.json" --set data.video_root="$work/tiny/data" \
     --set data.synth_n=400 --set data.synth_eval_n=100 --set train.eval_limit=100 \
     --set train.steps="$TINY_STEPS" --set train.output_dir="$OUT/tiny-run" --set log.progress=false
+run_step gpu-tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
+run_step rollout 150 python3 benchmarks/rollout.py --device cuda --dtype bf16 --hidden 2048 --layers 36 \
+    --heads 16 --kv-heads 2 --new-tokens 128 --reps 2 --cuda-graphs
 for preset in $PRESETS; do
     # one random 3B checkpoint (bf16, ~7 GB) is written by the first bench and reused by the others
     run_step "bench-$preset" 240 tinyr1 bench --preset "$preset" --steps "$STEPS" --checkpoint-dir "$ckpt" \

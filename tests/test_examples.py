@@ -168,8 +168,8 @@ def test_gpu_check_script_runs_every_step_within_its_budget_and_reports_each(tmp
     assert f"--json {out}/doctor.json" in calls[0] and "model.device=cuda" in calls[3]
     assert f"train.output_dir={out}/tiny-run" in calls[3] and "train.steps=20" in calls[3]
     summary = {line.split()[0]: line.split()[1] for line in (out / "summary.txt").read_text().splitlines()}
-    assert summary == {"doctor": "ok", "kernels": "failed", "tiny-init": "ok", "tiny": "ok",
-                       "bench-8gb": "skipped", "bench-24gb": "skipped"}, summary
+    assert summary == {"doctor": "ok", "kernels": "failed", "tiny-init": "ok", "tiny": "ok", "gpu-tests": "skipped",
+                       "rollout": "skipped", "bench-8gb": "skipped", "bench-24gb": "skipped"}, summary
     assert "kernel trouble" in (out / "kernels.txt").read_text()
     assert (out / "machine.txt").is_file() and "budget 23s" in (out / "machine.txt").read_text()
 

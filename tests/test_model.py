@@ -20,6 +20,7 @@ from tinyr1.model import loading as L
 from tinyr1.model.resampler import sinusoidal_encoding
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
 from tinyr1.model.writing import tiny_config, write_checkpoint
+from tinyr1.rollout import sample_group
 
 pytestmark = [  # library noise: PEFT reads a deprecated property; bitsandbytes' torch.compile import
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
@@ -334,7 +335,7 @@ def greedy_by_hand(model: TinyLlavaVideo, ids: torch.Tensor, vt: torch.Tensor | 
     return out
 
 
-def test_generate_returns_new_tokens_only_and_matches_greedy_by_hand(gen_model: TinyLlavaVideo) -> None:
+def test_greedy_sampler_returns_new_tokens_only_and_matches_greedy_by_hand(gen_model: TinyLlavaVideo) -> None:
     m = gen_model
     vt = m.encode_video(pixels(4, 11))
     rows = [torch.tensor([20, 21, IMG, 22, 23]), torch.tensor([30, IMG, 31, 32, 33, 34, 35, 36, 37]),
@@ -344,27 +345,27 @@ def test_generate_returns_new_tokens_only_and_matches_greedy_by_hand(gen_model: 
     want = [greedy_by_hand(m, r, v, n) for r, v in zip(rows, vts)]
     assert any(len(set(w)) > 2 for w in want), "degenerate model: the test would be weak"
     unused = next(t for t in range(3, VOCAB) if all(t not in w for w in want))
-    kw = {"max_new_tokens": n, "do_sample": False, "eos_token_id": unused, "pad_token_id": 0}
+    kw = {"group_size": 1, "max_new_tokens": n, "temperature": 0.0, "eos_id": unused}
     for r, v, w in zip(rows, vts, want):
-        got = m.generate([r], [v], **kw)
+        got, _ = sample_group(m, [r], [v], **kw)
         assert got.tolist() == [w]  # new tokens only: no prompt ids in front
-    batched = m.generate(rows, vts, **kw)  # rows of different lengths, left-padded inside
+    batched, _ = sample_group(m, rows, vts, **kw)  # rows of different lengths, left-padded inside
     assert batched.tolist() == want
 
 
-def test_generate_stops_at_eos(gen_model: TinyLlavaVideo) -> None:
+def test_greedy_sampler_stops_at_eos(gen_model: TinyLlavaVideo) -> None:
     m = gen_model
     rows = [torch.tensor([30, IMG, 31, 32, 33, 34, 35, 36, 37]), torch.tensor([40, 41, 42])]
     vts = [m.encode_video(pixels(8, 12)), None]
     want = [greedy_by_hand(m, r, v, 6) for r, v in zip(rows, vts)]
-    # EOS = row 0's 3rd token (not earlier in row 0): row 0 stops there, and is padded if row 1 goes on
+    # EOS = row 0's 3rd token (not earlier in row 0): row 0 stops there, and is EOS-padded if row 1 goes on
     eos = want[0][2]
     assert eos not in want[0][:2]
     stop = [w.index(eos) + 1 if eos in w else len(w) for w in want]
-    pad = VOCAB - 1
-    one = m.generate(rows[:1], vts[:1], max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    kw = {"group_size": 1, "max_new_tokens": 6, "temperature": 0.0, "eos_id": eos, "sync_every": 4}
+    one, _ = sample_group(m, rows[:1], vts[:1], **kw)
     assert one.tolist() == [want[0][:3]]
-    both = m.generate(rows, vts, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    both, _ = sample_group(m, rows, vts, **kw)
     assert both.shape[1] == max(stop)
     for i, w in enumerate(want):
-        assert both[i].tolist() == w[: stop[i]] + [pad] * (both.shape[1] - stop[i])
+        assert both[i].tolist() == w[: stop[i]] + [eos] * (both.shape[1] - stop[i])

@@ -127,6 +127,16 @@ class RolloutConfig:
     prompts_per_step: int = _f(
         8, "prompts (videos + questions) per GRPO step; completions per step = prompts_per_step * G", ge=1
     )
+    sync_every: int = _f(
+        16,
+        "decode tokens between the sampler's checks for finished rows (its only device -> host reads)",
+        ge=1,
+        why="finished rows are dropped from the batch at those checks; between them the GPU never waits for Python",
+    )
+    cuda_graphs: bool = _f(
+        False,
+        "replay each decode step from a captured CUDA graph (one launch per token; CUDA only, ignored on CPU)",
+    )
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from tinyr1 import __version__
 from tinyr1.config_io import load_config
 from tinyr1.context import Context
 from tinyr1.feed import SampleFeeder
-from tinyr1.hf_compat import decode_repeats_kv
 from tinyr1.kernels import apply_liger, liger_available, token_logprobs
 from tinyr1.kernels.logprob import triton_available
 from tinyr1.memory import GiB, auto_preset, estimate
@@ -382,7 +381,7 @@ def check_memory(probe: Probe) -> Check:
     run.steps += 1
     grads = sum(p.numel() * p.element_size() for p in trainable_parameters(ctx.model).values())
     prompt_tokens = round(sum(p.numel() - 1 for p in ro.prompt_ids) / len(ro.prompt_ids))
-    shape = replace(RunShape.from_config(ctx.cfg, prompt_tokens), kv_expand_decode=decode_repeats_kv())
+    shape = RunShape.from_config(ctx.cfg, prompt_tokens)
     est = estimate(Arch.from_tinyllava(ctx.model.cfg), shape)
     pairs = {"rollout": (rollout, est.phase_total("rollout", ("kept", "activation"))),
              "update": (update - grads, est.phase_total("update", ("kept", "activation")))}

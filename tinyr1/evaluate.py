@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.generation import BaseStreamer
 
 from tinyr1.answers import answer_letter, think_text
 from tinyr1.errors import VideoError
@@ -110,6 +109,8 @@ def evaluate(
     seed: int = 0,
     prompt_mode: str = "eval",
     on_batch: Callable[[int], None] | None = None,
+    sync_every: int = 16,
+    cuda_graphs: bool = False,
 ) -> EvalResult:
     """Accuracy and format rate of `samples`; `load_frames(sample) -> [T, 3, S, S]`."""
     was_training = model.training
@@ -139,7 +140,8 @@ def evaluate(
         pids = [prompt_tensor(tokenizer, s.question, prompt_mode) for s in batch]
         ids, _ = sample_group(
             model, pids, vts, group_size=num_samples, max_new_tokens=max_new_tokens, eos_id=eos,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+            temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, sync_every=sync_every,
+            cuda_graphs=cuda_graphs,
         )
         cmask = completion_mask(ids, eos)  # [B*G, L]
         texts = decode_completions(tokenizer, ids, cmask)
@@ -162,27 +164,22 @@ def evaluate(
     return EvalResult(accuracy, format_rate, n, skipped, rows)
 
 
-class TokenStreamer(BaseStreamer):
-    """Hands each newly generated piece of text to `on_text` as soon as its token is produced.
+class TokenStreamer:
+    """Hands each newly generated piece of text to `on_text` as soon as its token is sampled.
 
-    HF `generate` calls `put` with the prompt first (an empty tensor when it runs on
-    `inputs_embeds`), then with one token per step, then `end`. A piece whose last character is an
-    incomplete UTF-8 sequence (U+FFFD) waits for the next token.
+    The sampler calls `put` with each step's token (one row), then `answer_question` calls `end`.
+    A piece whose last character is an incomplete UTF-8 sequence (U+FFFD) waits for the next token.
     """
 
     def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
         self.tokenizer, self.on_text = tokenizer, on_text
-        self.prompt_pending = True  # the first `put` is the prompt, never shown
         self.ids: list[int] = []
         self.printed = 0
-        self.puts = 0  # generation steps seen (tests check that text arrives step by step)
+        self.puts = 0  # tokens seen, EOS included (tests check that text arrives step by step)
 
     def put(self, value: torch.Tensor) -> None:
-        if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError("TokenStreamer streams one sequence at a time (batch size 1)")
-        if self.prompt_pending:
-            self.prompt_pending = False
-            return
+        if value.numel() != 1:
+            raise ValueError(f"TokenStreamer streams one sequence at a time (batch size 1), got {value.numel()} tokens")
         self.puts += 1
         self.ids.extend(value.reshape(-1).tolist())
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -213,28 +210,26 @@ def answer_question(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    streamer: Any = None,
+    streamer: TokenStreamer | None = None,
 ) -> tuple[str, str | None]:
-    """One question about one clip through HF `generate` (streamable): (completion, letter | None).
+    """One question about one clip, streamable: (completion, letter | None).
 
     pixels [T, 3, S, S]; greedy unless temperature > 0. The options are listed under the question
-    ("A. ..." lines) exactly as in the datasets.
+    ("A. ..." lines) exactly as in the datasets. The rollout's sampler decodes (one decode path);
+    it checks for EOS after every token here, so a streamed reply stops right at its end.
     """
     model.eval()
     pids = prompt_tensor(tokenizer, question_with_options(question, options), prompt_mode)  # [P]
     video = model.encode_video(pixels)  # [Q, D]
     eos = tokenizer.eos_token_id
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": eos}
-    if temperature > 0:
-        torch.manual_seed(seed)
-        kwargs.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-    out = model.generate([pids], [video], streamer=streamer, **kwargs)  # [1, L_new]
-    ids = out[0].tolist()
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    ids, _ = sample_group(
+        model, [pids], [video], group_size=1, max_new_tokens=max_new_tokens, eos_id=eos,
+        temperature=temperature, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(seed),
+        sync_every=1, on_step=streamer.put if streamer is not None else None,
+    )  # [1, L]
+    if streamer is not None:
+        streamer.end()
+    text = decode_completions(tokenizer, ids, completion_mask(ids, eos))[0]
     return text, answer_letter(text, len(options) if options else None)
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 from transformers import Qwen2ForCausalLM, SiglipVisionModel
-from transformers.integrations import sdpa_attention
 
 # 5.2x renamed the decoder's `past_key_values` keyword (and output field) to `cache`.
 CACHE_KW = "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
@@ -25,6 +24,14 @@ def cache_of(out: Any) -> Any:
     """The KV cache of a model output, under whichever field name this version uses."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def cache_layer_kv(cache: Any, layers: int) -> list[tuple[Any, Any]]:
+    """(keys, values) [B, kv, S, hd] of each layer of a DynamicCache: `cache.layers[i].keys` since
+    the cache-layer refactor, `key_cache[i]` before it."""
+    if hasattr(cache, "layers"):
+        return [(cache.layers[i].keys, cache.layers[i].values) for i in range(layers)]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(layers)]
 
 
 def siglip_core(config: Any) -> nn.Module:
@@ -56,13 +63,6 @@ def layer_checkpointing_off(layer: nn.Module) -> Iterator[None]:
     finally:
         if on:
             layer.gradient_checkpointing = True
-
-
-def decode_repeats_kv() -> bool:
-    """Whether SDPA decoding with a mask repeats K/V to every query head (versions without
-    `pack_gqa`): a grouped-query model's decode then holds num_heads / kv_heads copies of K/V.
-    The planner assumes it by default (the worst case); measurements pass what this version does."""
-    return not hasattr(sdpa_attention, "pack_gqa")
 
 
 @contextlib.contextmanager

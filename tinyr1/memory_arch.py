@@ -109,7 +109,6 @@ class RunShape:
     attn: Literal["sdpa", "eager"] = "sdpa"
     top_k: int = 50
     top_p: float = 1.0
-    kv_expand_decode: bool = True  # transformers <= 5.2x repeats K/V to all heads when decoding with a mask
 
     @property
     def c(self) -> int:

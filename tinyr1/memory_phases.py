@@ -157,7 +157,6 @@ def rollout_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     feat = run.frames * arch.kept_patches * arch.vision_hidden * c
     vt = arch.num_queries * d * c
     s_p = run.prompt_tokens - 1 + arch.num_queries
-    s_end = s_p + run.max_new_tokens - 1
     kept: Moment = {"vision features (kept for update)": ("kept", b * feat, f"{b} videos x {run.frames} frames")}
     enc = {"vision features (kept for update)": ("kept", (b - 1) * feat, f"{b - 1} videos encoded so far"),
            "vision tower transient": ("activation", vision_moment(arch, run), f"one video, {run.frames} frames")}
@@ -167,19 +166,18 @@ def rollout_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     videos = {**kept, "video tokens": ("kept", b * vt, f"{b} x {arch.num_queries} tokens")}
     embeds = b * s_p * d * c
     prefill = {**videos, "prompt embeddings": ("activation", 2 * embeds, f"{b} x {s_p} positions, padded copy"),
-               "KV cache": ("activation", kv_bytes(arch, run, b, s_p), f"{b} prompts prefilled once"),
+               "prompt K/V": ("activation", kv_bytes(arch, run, b, s_p), f"{b} prompts prefilled once"),
                "prefill layer transient": ("activation", int(b * s_p * nograd_layer_peak(arch, run, s_p)), "")}
-    expand_kv = run.kv_expand_decode or run.attn == "eager"
-    expand = 2 * rows * arch.heads * arch.head_dim * s_end * c if expand_kv else 0
-    grow = 2 * rows * arch.kv_dim * s_end * c  # one layer's cache re-allocated by torch.cat
+    # tinyr1.decode: the prompts' K/V once, each row's own K/V preallocated for max_new_tokens
+    suffix = kv_bytes(arch, run, rows, run.max_new_tokens)
     logits = rows * arch.vocab * c
-    step = max(expand + logits, sampling_bytes(arch, run, rows), grow + logits)
-    decode = {**videos, "prompt embeddings": ("activation", embeds, "kept by the sampler"),
-              "KV cache": ("activation", kv_bytes(arch, run, rows, s_end),
-                           f"{b}x{run.group_size} rows x {s_end} positions, prefix repeated"),
-              "decode step transient": ("activation", step,
-                                        "logits + sampling buffers" + (" / K,V repeated to all heads" if expand else "")),
-              "completion ids / log-probs": ("activation", rows * run.max_new_tokens * 12, "")}
+    scores = rows * arch.heads * (s_p + run.max_new_tokens) * (c + 2 * 4)  # q.K (16-bit), fp32 copy, exp
+    step = max(scores + logits, sampling_bytes(arch, run, rows))
+    decode = {**videos,
+              "prompt K/V": ("activation", kv_bytes(arch, run, b, s_p), f"{b} prompts x {s_p} positions, once each"),
+              "completion K/V": ("activation", suffix, f"{rows} rows x {run.max_new_tokens} positions, preallocated"),
+              "decode step transient": ("activation", step, "logits + sampling buffers / attention scores"),
+              "completion ids / log-probs": ("activation", rows * run.max_new_tokens * 16, "and the step's uniforms")}
     return {"encode video": enc, "connector": conn, "prefill": prefill, "decode": decode}
 
 

@@ -33,7 +33,6 @@ from tinyr1.config_io import apply_overrides, load_config
 from tinyr1.context import Context, build_context, frames_loader, load_split
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.feed import SampleFeeder
-from tinyr1.hf_compat import decode_repeats_kv
 from tinyr1.log import peak_memory_bytes
 from tinyr1.loss import completion_mask
 from tinyr1.memory import Estimate, arch_for_config, estimate, need_bytes
@@ -413,7 +412,7 @@ def _measure(ctx: Context, feeder: SampleFeeder, cfg: Config, arch: Arch, *, ste
                   "extra step; decoded frames are held outside it, as host memory on a GPU")
     peaks["step"] = max(peaks["rollout"], peaks["update"])
     prompt_tokens = round(sum(p.numel() - 1 for p in ro.prompt_ids) / len(ro.prompt_ids))
-    shape = replace(RunShape.from_config(cfg, prompt_tokens), kv_expand_decode=decode_repeats_kv())  # as measured
+    shape = RunShape.from_config(cfg, prompt_tokens)
     notes = [] if allow_eos else ["EOS suppressed: every completion runs to max_new_tokens (the planner's worst case)"]
     if dev.type == "cuda" and cfg.train.optimizer == "paged_adamw8bit":
         notes.append("paged optimizer states live in CUDA unified memory, outside max_memory_allocated; "

@@ -1,22 +1,22 @@
-"""Group sampling with a shared prompt prefix, and the `Rollout` it produces for the update.
+"""The `Rollout` the update reads, and the sampler that produces its completions.
 
-The prompt (system + video tokens + question) of each of the B prompts is prefilled ONCE; its KV
-cache is then repeated to G rows and all B*G completions decode together in one batch. Rows that
-reach EOS are dropped from the cache, so finished completions stop costing work.
+The B prompts (system + video tokens + question) are prefilled ONCE and decoded G times each by
+`tinyr1.decode.PrefixDecoder`: each prompt's K/V is stored once, each row's own K/V in a buffer
+preallocated for `max_new_tokens`, and finished rows are compacted away every `sync_every` tokens.
 
-Sampling uses inverse-CDF draws from one uniform per row and step (`torch.rand(B*G)` every step,
-whatever rows are still active), so a fixed seed gives the same tokens as an unshared, uncached
-reference sampler — which the tests check.
+Sampling uses inverse-CDF draws from one uniform per row and step (`torch.rand(T, B*G)` up front),
+so a fixed seed gives the same tokens as an unshared, uncached reference sampler and as the
+sampler before the shared-prefix decode (benchmarks/sampler_v1.py) — which the tests check.
 """
-
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tinyr1.hf_compat import CACHE_KW, cache_of
+from tinyr1.decode import GraphedStep, PrefixDecoder
+from tinyr1.hf_compat import cache_of
 from tinyr1.model.tinyllava import TinyLlavaVideo, right_to_left_pad
 
 
@@ -101,42 +101,71 @@ def sample_group(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    sync_every: int = 16,
+    cuda_graphs: bool = False,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample G completions for each prompt. Returns ids [B*G, L] (eos-padded) and logp [B*G, L]."""
-    llm = model.llm
-    dev = model.device
+    """Sample G completions for each prompt. Returns ids [B*G, L] (eos-padded) and logp [B*G, L].
+
+    The only decode loop of tinyr1 (rollouts, evaluation, `generate`). Each prompt's K/V is stored
+    once (`PrefixDecoder`); finished rows are compacted away every `sync_every` tokens, which is
+    also the only time the loop reads from the device (a CUDA GPU never waits for Python between
+    tokens). `cuda_graphs` replays each decode step from a captured CUDA graph (CUDA only; ignored
+    elsewhere). `on_step(ids [B*G])` sees each step's tokens (streaming; costs a read per token).
+    Randomness: exactly `max_new_tokens * B*G` uniforms from `generator`, row i at step t taking
+    u[t, i], however early rows finish.
+    """
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    llm, dev = model.llm, model.device
+    b, steps = len(prompt_ids), max_new_tokens
+    n = b * group_size
     embeds, mask, _ = model.splice(prompt_ids, video_tokens)  # [B, S, D], [B, S]
     embeds, mask = right_to_left_pad(embeds, mask)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = cache_of(out)
-    cache.batch_repeat_interleave(group_size)
-    n = len(prompt_ids) * group_size
+    decoder = PrefixDecoder(llm, cache_of(out), mask.bool(), group_size=group_size, max_new_tokens=steps)
+    step = GraphedStep(decoder) if cuda_graphs and dev.type == "cuda" else decoder.step
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B*G, V]
-    mask = mask.repeat_interleave(group_size, 0)  # [B*G, S]
-    next_pos = pos[:, -1].repeat_interleave(group_size, 0) + 1  # [B*G]
-    ids = torch.full((n, max_new_tokens), eos_id, dtype=torch.long, device=dev)  # [B*G, L]
-    logp = torch.zeros(n, max_new_tokens, device=dev)  # [B*G, L]
-    active = torch.arange(n, device=dev)  # rows still in the cache
-    steps = 0
-    for t in range(max_new_tokens):
-        u = torch.rand(n, generator=generator, device="cpu" if generator is None else generator.device)
-        tok, lp = sample_tokens(logits, u.to(dev)[active], temperature=temperature, top_k=top_k, top_p=top_p)
-        ids[active, t] = tok
-        logp[active, t] = lp
-        steps = t + 1
-        keep = (tok != eos_id).nonzero().flatten()
-        if t == max_new_tokens - 1 or keep.numel() == 0:
+    del out, embeds
+    gen_device = "cpu" if generator is None else generator.device
+    uniforms = torch.rand(steps, n, generator=generator, device=gen_device).to(dev)  # [T, B*G]
+    row = torch.arange(n, device=dev).view(b, group_size)  # [B_a, R] the completion in each slot
+    done = torch.zeros(b, group_size, dtype=torch.bool, device=dev)  # [B_a, R]
+    next_pos = mask.sum(-1)[:, None].expand(b, group_size)  # [B_a, R] RoPE position of the next token
+    ids = torch.full((n, steps), eos_id, dtype=torch.long, device=dev)  # [B*G, T]
+    logp = torch.zeros(n, steps, device=dev)  # [B*G, T]
+    last = steps - 1
+    for t in range(steps):
+        tok, lp = sample_tokens(logits, uniforms[t][row.flatten()], temperature=temperature, top_k=top_k, top_p=top_p)
+        tok, lp = tok.view_as(row), lp.view_as(row)  # [B_a, R]
+        ids[row, t] = torch.where(done, eos_id, tok)
+        logp[row, t] = torch.where(done, 0.0, lp)
+        done = done | (tok == eos_id)
+        if on_step is not None:
+            on_step(ids[:, t])
+        last = t
+        if t == steps - 1:
             break
-        if keep.numel() < active.numel():  # drop finished rows from the batch and the cache
-            cache.batch_select_indices(keep)
-            active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = llm(
-            input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-            use_cache=True, **{CACHE_KW: cache},
-        )
-        logits = out.logits[:, -1]  # [active, V]
+        if (t + 1) % sync_every == 0:
+            alive = (~done).sum(1).tolist()  # [B_a]: the loop's one device -> host read per sync_every tokens
+            if not any(alive):
+                break
+            if min(alive) == 0 or max(alive) < row.shape[1]:
+                prompts = torch.tensor([p for p, a in enumerate(alive) if a], device=dev)  # [B_a']
+                order = torch.argsort(done[prompts].to(torch.int8), dim=1, stable=True)[:, : max(alive)]  # [B_a', R']
+                decoder.compact(prompts, order)
+                row, done = row[prompts].gather(1, order), done[prompts].gather(1, order)
+                tok, next_pos = tok[prompts].gather(1, order), next_pos[prompts].gather(1, order)
+        logits = step(tok, next_pos, t)  # [B_a*R, V]
         next_pos = next_pos + 1
-    del cache, out
-    return ids[:, :steps], logp[:, :steps]
+    del decoder, step
+    length = _completion_length(ids[:, : last + 1], eos_id)
+    return ids[:, :length], logp[:, :length]
+
+
+def _completion_length(ids: torch.Tensor, eos_id: int) -> int:
+    """Columns up to the last row's first EOS (all of them when a row has none): ids [n, T]."""
+    is_eos = ids == eos_id  # [n, T]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, ids.shape[1])  # [n]
+    return int(first.max()) if ids.shape[0] else 0

@@ -124,7 +124,8 @@ def held_out_accuracy(ctx: Context, samples: list[Sample], load: Callable[[Sampl
     start, end = dist.shard_range(len(samples), me, world)
     seed = cfg.train.seed + EVAL_SEED_OFFSET
     common = dict(load_frames=load, max_new_tokens=ro.max_new_tokens, batch_size=ro.prompts_per_step // world,
-                  seed=seed if me == 0 else dist.keyed_seed(seed, "eval", me), prompt_mode="train")
+                  seed=seed if me == 0 else dist.keyed_seed(seed, "eval", me), prompt_mode="train",
+                  sync_every=ro.sync_every, cuda_graphs=ro.cuda_graphs)
     num_samples = min(cfg.train.eval_samples, ro.num_generations)
     greedy = gather_eval(evaluate(ctx.model, ctx.tokenizer, samples[start:end], temperature=0.0, **common), 1)
     sampled = gather_eval(evaluate(ctx.model, ctx.tokenizer, samples[start:end], temperature=ro.temperature,

@@ -220,8 +220,9 @@ def sample_prompts(ctx: Context, prompt_ids: list[torch.Tensor], video_tokens: l
     """
     rc, eos = ctx.cfg.rollout, ctx.tokenizer.eos_token_id
     parts = [sample_group(ctx.model, [p], [v], group_size=rc.num_generations, max_new_tokens=rc.max_new_tokens,
-                          eos_id=eos, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-                          generator=gen)[0] for p, v, gen in zip(prompt_ids, video_tokens, generators)]  # B x [G, L_b]
+                          eos_id=eos, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p, generator=gen,
+                          sync_every=rc.sync_every, cuda_graphs=rc.cuda_graphs)[0]
+             for p, v, gen in zip(prompt_ids, video_tokens, generators)]  # B x [G, L_b]
     # A prompt stops early only when all its rows have ended, so the eos padding never ends a truncated row.
     width = dist.all_reduce_max(max(x.shape[1] for x in parts))
     ids = torch.full((sum(x.shape[0] for x in parts), width), eos, dtype=torch.long, device=parts[0].device)  # [B*G, L]

@@ -253,21 +253,6 @@ class TinyLlavaVideo(nn.Module):
             **kwargs,
         )
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Sequence[torch.Tensor],
-        video_tokens: Sequence[torch.Tensor | None],
-        **gen_kwargs: Any,
-    ) -> torch.Tensor:
-        """HF generate on `inputs_embeds`: the result holds the new tokens only [B, L_new].
-
-        Rows are left-padded here (generation needs the last prompt token at the end).
-        """
-        embeds, mask, _ = self.splice(input_ids, video_tokens)
-        embeds, mask = right_to_left_pad(embeds, mask)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
-
 
 def pad_right(
     rows: Sequence[torch.Tensor], row_labels: Sequence[torch.Tensor]
