@@ -1,9 +1,10 @@
-"""What each rank runs in tests/test_distributed.py: `torchrun --nproc-per-node 2 tests/dist_worker.py
-SCENARIO ASSETS OUT`, and the config both the ranks and the one-process reference train with.
+"""What each rank runs in tests/test_distributed.py: `torchrun --nproc-per-node N tests/dist_worker.py
+SCENARIO ASSETS OUT`, and the config the runs train with.
 
 Scenarios: `equivalence` (2 GRPO steps for each loss type), `resume` (4 steps straight; 2, stop,
-resume, 2). Each rank joins the group through `tinyr1.distributed.init_from_env`, as `tinyr1 train`
-does under torchrun. `failing_reward` is the reward that makes rank 1 fail in the CLI test.
+resume, 2), `continue` (resume the run in OUT). Each rank joins the group through
+`tinyr1.distributed.init_from_env`, as `tinyr1 train` does under torchrun. `failing_reward` is the
+reward that makes rank 1 fail in the CLI test.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def _cold_started_checkpoint(root: Path) -> None:
 
 def config(assets: Path, out: Path, *extra: str):  # -> Config
     """The tiny run both sides train: from the cold-started checkpoint, 8 prompts x G=4, up to 8 new
-    tokens, fp32, no cold start. One micro-batch holds a rank's 16 rows, so one process's two
-    micro-batches are the ranks' batches."""
+    tokens, fp32, no cold start. One micro-batch holds 16 rows (a rank's 4 prompts x G), so one
+    rank's two micro-batches are two ranks' batches."""
     return load_config("tiny", [
         f"model.path={assets / 'model_cs'}", "model.synth=false", "data.synth=false",
         f"data.train={assets / 'data' / 'train.jsonl'}", f"data.coldstart={assets / 'data' / 'coldstart.json'}",
@@ -109,6 +110,12 @@ def resume(assets: Path, out: Path) -> None:
     train(load_config(str(out / "stopped" / "config.toml")), resume=out / "stopped")
 
 
+def resume_run(assets: Path, run: Path) -> None:
+    from tinyr1.session import train
+
+    train(load_config(str(run / "config.toml")), resume=run)
+
+
 calls = 0
 FAILED_AT = "TINYR1_TEST_FAILED_AT"  # file where failing_reward writes the time it raised
 
@@ -128,4 +135,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     scenario, assets_dir, out_dir = sys.argv[1:4]
     dist.init_from_env()
-    {"equivalence": equivalence, "resume": resume}[scenario](Path(assets_dir), Path(out_dir))
+    {"equivalence": equivalence, "resume": resume, "continue": resume_run}[scenario](Path(assets_dir), Path(out_dir))

@@ -1,10 +1,12 @@
-"""Data-parallel GRPO on the CPU: two gloo ranks under the real `torchrun` against one process.
+"""Data-parallel GRPO on the CPU: two gloo ranks under the real `torchrun` against one.
 
-The ranks run tests/dist_worker.py (or `-m tinyr1 train`) in subprocesses with one thread each; the
-one-process reference runs here, with one thread too. The tiny fp32 model is deterministic on the
-CPU, so "the same update" is checked at 1e-6 on the weights and on every logged metric (the
-metrics matter: Adam's update hardly changes when all gradients are scaled by a constant, so a
-normalizer that is off by the world size shows in `loss` and `grad_norm`, not in the weights).
+Ranks run tests/dist_worker.py (or `-m tinyr1 train`) in subprocesses with one thread each. The
+reference is one rank under torchrun: a torchrun launch draws each prompt's completions from its
+own stream, which is what makes the split irrelevant (a plain `tinyr1 train` draws one stream for
+the whole batch). The tiny fp32 model is deterministic on the CPU, so "the same update" is checked
+at 1e-6 on the weights and on every logged metric (the metrics matter: Adam's update hardly
+changes when all gradients are scaled by a constant, so a normalizer that is off by the world size
+shows in `loss` and `grad_norm`, not in the weights).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import FAILED_AT, LOSS_EXTRA, LOSS_TYPES, config, write_assets
+from dist_worker import FAILED_AT, LOSS_TYPES, config, write_assets
 from rich.console import Console
 
 from tinyr1 import distributed as dist
@@ -47,8 +49,8 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _torchrun(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+def _torchrun(*args: str, ranks: int = 2, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -81,14 +83,13 @@ def _assert_same_metrics(a: list[dict], b: list[dict], rel: float = 1e-6) -> Non
             assert same, f"step {ra['step']} {k}: {x} vs {y}"
 
 
-def test_two_ranks_make_the_update_of_one_process(assets: Path, tmp_path: Path) -> None:
-    proc = _torchrun("tests/dist_worker.py", "equivalence", str(assets), str(tmp_path / "two"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 ranks x 4" in proc.stdout
+def test_two_ranks_make_the_update_of_one_rank(assets: Path, tmp_path: Path) -> None:
+    for ranks, name in ((2, "two"), (1, "one")):
+        proc = _torchrun("tests/dist_worker.py", "equivalence", str(assets), str(tmp_path / name), ranks=ranks)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert ("8 prompts (2 ranks x 4) x G=4" if ranks == 2 else "8 prompts x G=4") in " ".join(proc.stdout.split())
     for loss in LOSS_TYPES:
-        one = train(config(assets, tmp_path / "one" / loss, f"grpo.loss_type={loss}", "train.steps=2",
-                           *LOSS_EXTRA[loss]), console=Console(quiet=True))
-        two = tmp_path / "two" / loss
+        one, two = tmp_path / "one" / loss, tmp_path / "two" / loss
         a, b = _weights(one / "final"), _weights(two / "final")
         moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # LoRA B starts at 0
         assert moved > 1e-3, f"{loss}: the adapter hardly moved ({moved:.3g}); the comparison would mean nothing"
@@ -120,15 +121,24 @@ def test_resume_under_two_ranks_reproduces_the_straight_run(assets: Path, tmp_pa
     saved = torch.load(stopped / "checkpoints" / "step-000002" / RANK_RNG_FILE, weights_only=True)
     assert saved["world_size"] == 2 and not torch.equal(saved["states"][0]["torch"], saved["states"][1]["torch"])
 
-    # the 2-rank checkpoint of step 2, resumed by one process: it says so, and continues
-    one = tmp_path / "one_rank"
-    shutil.copytree(stopped, one, ignore=shutil.ignore_patterns("step-000004", "final"))
+    # the 2-rank checkpoint of step 2, resumed by one torchrun rank: it says so, and continues the
+    # same prompts with the same streams (equal here; on GPUs rounding may make it drift)
+    for name in ("one_rank", "plain"):
+        shutil.copytree(stopped, tmp_path / name, ignore=shutil.ignore_patterns("step-000004", "final"))
+    proc = _torchrun("tests/dist_worker.py", "continue", str(assets), str(tmp_path / "one_rank"), ranks=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = " ".join(proc.stdout.split())
+    assert "written by 2 torchrun rank(s) and resumes on 1 torchrun rank(s)" in said and "can differ" in said
+    _assert_same_metrics(_metrics(straight), _metrics(tmp_path / "one_rank"))
+    _assert_same_weights(a, _weights(tmp_path / "one_rank" / "final"), 1e-6)
+    # ... and by a plain process, which samples with one stream per step: adapter, optimizer and
+    # data position continue, the completions do not
     console = Console(record=True, width=300)
-    train(load_config(str(one / "config.toml")), resume=one, console=console)
+    train(load_config(str(tmp_path / "plain" / "config.toml")), resume=tmp_path / "plain", console=console)
     said = console.export_text()
-    assert "written by 2 rank(s) and resumes on 1" in said and "can differ" in said
-    _assert_same_metrics(_metrics(straight), _metrics(one))  # same data position and streams; equal here
-    _assert_same_weights(a, _weights(one / "final"), 1e-6)
+    assert "resumes on one process (no torchrun)" in said and "sampling differs" in said
+    plain = _metrics(tmp_path / "plain")
+    assert plain[:2] == _metrics(straight)[:2] and len(plain) == 4 and plain[2] != _metrics(straight)[2]
 
 
 def _cli_config(assets: Path, tmp_path: Path, *extra: str) -> Path:

@@ -26,7 +26,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 ADAPTER = "adapter"
 CONNECTOR_FILE = "connector.safetensors"
-RANK_RNG_FILE = "rng_ranks.pt"  # {"world_size": N, "states": N x rank_rng_state()}
+RANK_RNG_FILE = "rng_ranks.pt"  # {"world_size": N, "torchrun": bool, "states": N x rank_rng_state()}
 
 
 @dataclass
@@ -62,9 +62,11 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     keep: int = 2,
     rank_rng: list[dict[str, torch.Tensor]] | None = None,
+    torchrun: bool = False,
 ) -> Path:
     """Write step-N atomically; keep the newest `keep` checkpoints. `rank_rng`: each rank's
-    `rank_rng_state()` in rank order (data-parallel runs; rank 0 writes them all)."""
+    `rank_rng_state()` in rank order (rank 0 writes them all); `torchrun`: the run samples with the
+    per-prompt streams of a torchrun launch (`tinyr1.trainer.sample_completions`)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
@@ -81,7 +83,7 @@ def save_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / "rng.pt")
     if rank_rng is not None:
-        torch.save({"world_size": len(rank_rng), "states": rank_rng}, tmp / RANK_RNG_FILE)
+        torch.save({"world_size": len(rank_rng), "torchrun": torchrun, "states": rank_rng}, tmp / RANK_RNG_FILE)
     (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     (tmp / COMPLETE).write_text("ok\n")
     _fsync_dir(tmp)
@@ -154,16 +156,17 @@ def rank_rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def load_rank_rng(ckpt: Path, rank: int, world_size: int) -> int:
-    """Restore rank `rank`'s RNG state from a checkpoint made by the same number of ranks; returns
-    the number of ranks that made it (1 for checkpoints without per-rank states)."""
+def load_rank_rng(ckpt: Path, rank: int, world_size: int, torchrun: bool) -> tuple[int, bool]:
+    """Restore rank `rank`'s RNG state from a checkpoint made the same way (same number of ranks,
+    same launcher); returns how it was made: (ranks, torchrun). Older checkpoints: (1, False)."""
     path = Path(ckpt) / RANK_RNG_FILE
     if not path.is_file():
-        return 1
+        return 1, False
     saved = torch.load(path, weights_only=True)
-    if saved["world_size"] == world_size:
+    made = int(saved["world_size"]), bool(saved.get("torchrun", False))
+    if made == (world_size, torchrun):
         mine = saved["states"][rank]
         torch.set_rng_state(mine["torch"])
         if "cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda"])
-    return int(saved["world_size"])
+    return made

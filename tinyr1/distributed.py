@@ -52,6 +52,7 @@ from tinyr1.errors import ConfigError, DeviceError
 T = TypeVar("T")
 TIMEOUT_ENV = "TINYR1_DIST_TIMEOUT"  # seconds a collective may wait for a slow rank (default 30 min)
 DEFAULT_TIMEOUT_S = 1800
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun for every worker, also with --nproc_per_node 1
 BUCKET_ELEMENTS = 1 << 24  # 16M elements (64 MB of fp32) per gradient all-reduce
 
 
@@ -75,7 +76,8 @@ def is_main() -> bool:
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes; False (nothing done) in a plain process.
+    """Join the process group torchrun describes; False (nothing done) in a plain process. One
+    process under torchrun joins a group of one: it samples as the ranks of a larger run do.
 
     gloo carries CPU tensors (the tests, CPU runs), NCCL the CUDA ones; each rank uses the GPU
     LOCAL_RANK. A collective waits at most TINYR1_DIST_TIMEOUT seconds (default 1800) for a slow
@@ -83,7 +85,7 @@ def init_from_env() -> bool:
     """
     if active():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and TORCHRUN_ENV not in os.environ:
         return False
     local = int(os.environ.get("LOCAL_RANK", "0"))
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))

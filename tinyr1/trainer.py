@@ -24,11 +24,11 @@ Where this departs from plain GRPO (Shao et al., 2024), and why:
    kernels) and would bias the clipping. With more iterations the old policy is recomputed once.
 6. A non-finite loss or gradient skips the optimizer step (logged), never applies it. Trainable
    weights are fp32 master weights under bf16/fp16 compute; fp16 adds loss scaling.
-7. Per-prompt sampling streams. Prompt j's completions are drawn from a generator keyed by the step
-   and j's index in the global batch, so they do not depend on which prompts share its batch.
-   That is what lets N data-parallel ranks (`tinyr1.distributed`, under torchrun) make the same
-   update as one process: rewards are gathered for the advantages and metrics, the loss takes the
-   global row and token counts, and the ranks' gradients are summed before clipping.
+7. Data-parallel under torchrun (`tinyr1.distributed`): N ranks make the same update as one rank
+   running all prompts. Prompt j's completions are drawn from a generator keyed by the step and j's
+   index in the global batch (`sample_completions`), rewards are gathered for the advantages and
+   metrics, the loss takes the global row and token counts, and the ranks' gradients are summed
+   before clipping. A plain one-process run keeps its single batched sampling stream.
 """
 
 from __future__ import annotations
@@ -137,8 +137,6 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
     """Sample G completions per prompt (no grad, KV cache), score them and compute advantages."""
     cfg, model, tok = ctx.cfg, ctx.model, ctx.tokenizer
     g = cfg.rollout.num_generations
-    first = dist.rank() * len(batch)  # global index of this rank's first prompt (equal contiguous shares)
-    step_seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))  # the same draw on every rank
     model.eval()
     features = [model.vision_features(frames) for _, frames in batch]  # B x [1, T*P', Dv], once per video
     with torch.no_grad():
@@ -146,8 +144,7 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
         reference_tokens = ([model.connect(f, ctx.reference_connector) for f in features]
                             if ctx.reference_connector is not None else None)  # B x [Q, D]: the KL's initial connector
     prompt_ids = [prompt_tensor(tok, s.question, "train") for s, _ in batch]  # B x [P_b]
-    generators = [dist.keyed_generator(step_seed, first + b) for b in range(len(batch))]  # one per prompt
-    ids = sample_prompts(ctx, prompt_ids, video_tokens, generators)  # [B*G, L]
+    ids, noise = sample_completions(ctx, prompt_ids, video_tokens)  # [B*G, L], the advantage noise's generator
     texts = decode_completions(tok, ids, completion_mask(ids, tok.eos_token_id))
     columns: dict[str, list[Any]] = {}
     for s, _ in batch:
@@ -156,8 +153,9 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
     per_reward, total = compute_rewards(ctx.reward_funcs, texts, columns)  # [B*G, R], [B*G]
     adv, reward_stats = group_advantages(  # over the global batch: "batch" scaling and the stats see every rank
         dist.all_gather_rows(total.float()), g, scale=cfg.grpo.scale_rewards, noise_std=cfg.grpo.noise_std,
-        generator=dist.keyed_generator(step_seed, "noise"),
+        generator=noise,
     )  # [world*B*G]
+    first = dist.rank() * len(batch)  # global index of this rank's first prompt (equal contiguous shares)
     adv = adv[first * g: (first + len(batch)) * g]  # [B*G] this rank's rows
     return Rollout(
         features=features, video_tokens=video_tokens, prompt_ids=prompt_ids,
@@ -208,21 +206,29 @@ def micro_batches(n: int, size: int) -> Iterator[torch.Tensor]:
         yield torch.arange(start, min(start + size, n))
 
 
-def sample_prompts(ctx: Context, prompt_ids: list[torch.Tensor], video_tokens: list[torch.Tensor],
-                   generators: list[torch.Generator]) -> torch.Tensor:
-    """Completion ids [B*G, L], eos-padded: prompt b's G completions drawn with `generators[b]` alone,
-    so they do not depend on the other prompts of the batch (or on the rank). L is the longest
-    completion over all ranks, so every rank's update sees the shapes one process would.
+def sample_completions(ctx: Context, prompt_ids: list[torch.Tensor],
+                       video_tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Generator]:
+    """Completion ids [B*G, L] (eos-padded) and the generator of this step's advantage noise.
 
-    One `sample_group` call per prompt until the sampler takes a generator per prompt; then this is
-    one batched call with `generator=generators` (the same uniforms: prompt b's rows draw
-    `rand(max_new_tokens, G)` from `generators[b]`).
+    One process (`tinyr1 train`): one batched sampler call drawing from the run's stream
+    `ctx.generator`. Under torchrun: prompt j's completions come from a generator keyed by (a seed
+    drawn from `ctx.generator`, the same on every rank; j's global index), so they are the same
+    whichever rank draws them and however many ranks there are; the noise is keyed by the step.
+    The sampler takes one generator per call, so a rank calls it once per prompt, and the rows are
+    eos-padded to the longest completion over all ranks: every rank's update has one process's
+    shapes. (When `sample_group` takes a generator per prompt, both become one batched call.)
     """
-    rc, eos = ctx.cfg.rollout, ctx.tokenizer.eos_token_id
-    parts = [sample_group(ctx.model, [p], [v], group_size=rc.num_generations, max_new_tokens=rc.max_new_tokens,
-                          eos_id=eos, temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p, generator=gen,
-                          sync_every=rc.sync_every, cuda_graphs=rc.cuda_graphs)[0]
-             for p, v, gen in zip(prompt_ids, video_tokens, generators)]  # B x [G, L_b]
+    rc = ctx.cfg.rollout
+    eos = ctx.tokenizer.eos_token_id
+    kw: dict[str, Any] = dict(group_size=rc.num_generations, max_new_tokens=rc.max_new_tokens, eos_id=eos,
+                              temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
+                              sync_every=rc.sync_every, cuda_graphs=rc.cuda_graphs)
+    if not dist.active():
+        return sample_group(ctx.model, prompt_ids, video_tokens, generator=ctx.generator, **kw)[0], ctx.generator
+    step_seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))  # the same draw on every rank
+    first = dist.rank() * len(prompt_ids)  # global index of this rank's first prompt
+    parts = [sample_group(ctx.model, [p], [v], generator=dist.keyed_generator(step_seed, first + b), **kw)[0]
+             for b, (p, v) in enumerate(zip(prompt_ids, video_tokens))]  # B x [G, L_b]
     # A prompt stops early only when all its rows have ended, so the eos padding never ends a truncated row.
     width = dist.all_reduce_max(max(x.shape[1] for x in parts))
     ids = torch.full((sum(x.shape[0] for x in parts), width), eos, dtype=torch.long, device=parts[0].device)  # [B*G, L]
@@ -230,7 +236,7 @@ def sample_prompts(ctx: Context, prompt_ids: list[torch.Tensor], video_tokens: l
     for x in parts:
         ids[row: row + x.shape[0], : x.shape[1]] = x
         row += x.shape[0]
-    return ids
+    return ids, dist.keyed_generator(step_seed, "noise")
 
 
 def reference_logprobs(ctx: Context, ro: Rollout) -> torch.Tensor:
@@ -351,7 +357,7 @@ def save_state(ctx: Context, run_dir: Path, state: TrainState) -> None:
     if dist.is_main():
         save_checkpoint(run_dir, state, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                         generator=ctx.generator, train_connector=ctx.cfg.model.train_connector, scaler=ctx.scaler,
-                        rank_rng=rank_rng)
+                        rank_rng=rank_rng, torchrun=dist.active())
     dist.barrier()  # the checkpoint is complete before any rank goes on
 
 
@@ -363,14 +369,22 @@ def resume_state(ctx: Context, run_dir: Path, note: Callable[[str], Any] | None 
         return None
     state = load_checkpoint(ckpt, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                             generator=ctx.generator, scaler=ctx.scaler)
-    saved = load_rank_rng(ckpt, dist.rank(), dist.world_size())
-    if saved != dist.world_size():
+    now = dist.world_size(), dist.active()
+    made = load_rank_rng(ckpt, dist.rank(), *now)
+    if made != now:
         dist.seed_rank_rng(dist.keyed_seed(ctx.cfg.train.seed, "resume", state.step))  # fresh streams, ranks > 0
-    if saved != dist.world_size() and note is not None:
-        note(f"{ckpt} was written by {saved} rank(s) and resumes on {dist.world_size()}: the adapter, optimizer, "
-             "schedule, data position and sampling streams continue, but completions can differ from an "
-             "uninterrupted run (per-rank random streams restart, and the batch split changes rounding)")
+        if note is not None:
+            note(f"{ckpt} was written by {_launch(*made)} and resumes on {_launch(*now)}: the adapter, optimizer, "
+                 "schedule and data position continue; " + (
+                     "prompts keep their sampling streams, but completions can differ from an uninterrupted run "
+                     "(per-rank random streams restart, and the batch split changes rounding)" if made[1] and now[1]
+                     else "sampling differs from an uninterrupted run (one process draws one stream for the whole "
+                     "batch, torchrun one per prompt)"))
     return state
+
+
+def _launch(world: int, torchrun: bool) -> str:
+    return f"{world} torchrun rank(s)" if torchrun else "one process (no torchrun)"
 
 
 def save_final(ctx: Context, run_dir: Path) -> Path:
