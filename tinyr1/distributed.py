@@ -3,20 +3,22 @@ step's prompts are shared out, and sampling streams that do not depend on that s
 
 `torchrun --nproc_per_node N -m tinyr1 train ...` starts N copies of the ordinary trainer; each
 joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT env
-vars) through `init_from_env()`. Every helper here is a no-op in a plain process (no group), so the
-single-GPU path runs the same code.
+vars) through `init_from_env()`. Every helper here is the identity in a plain process (no group),
+so a one-GPU `tinyr1 train` runs exactly what it ran before.
 
-The contract: N ranks make the same update as one process running all `rollout.prompts_per_step`
-prompts.
+The contract: N ranks make the same update as one rank running all `rollout.prompts_per_step`
+prompts (tests/test_distributed.py: 2 gloo ranks vs 1, weights and metrics within 1e-6).
 
 - Prompts. The data order is global (`feed.SampleFeeder` draws the same global batch on every rank)
   and rank r takes the contiguous slice [r*B/N, (r+1)*B/N) of it (`shard_range`). A group (one
   prompt's G completions) never spans ranks.
-- Sampling. Each prompt's completions (and each step's advantage noise) come from a generator keyed
-  by (a per-step seed drawn from the run's sampler stream, the prompt's *global* index)
-  (`keyed_generator`), so prompt j sees the same uniforms whichever rank draws it and however many
-  ranks there are. The per-step seed is drawn from `Context.generator`, which is identical on every
-  rank and saved with each checkpoint.
+- Sampling. Under torchrun (any number of ranks, one included) each prompt's completions, and each
+  step's advantage noise, come from a generator keyed by (a per-step seed, the prompt's *global*
+  index) (`keyed_generator`, `tinyr1.trainer.sample_completions`), so prompt j sees the same
+  uniforms whichever rank draws it and however many ranks there are. The per-step seed is drawn
+  from `Context.generator`, identical on every rank and saved with each checkpoint. A plain
+  one-process run keeps one batched sampler call on that stream (its samples differ from a
+  torchrun run's of the same seed; they agree in distribution).
 - Normalizers and statistics. Rewards are gathered so advantages (group, or whole-batch std for
   `scale_rewards = "batch"`) and reward metrics are computed over the global batch; the loss gets the
   global row and token counts, so each rank's loss is its share of the full-batch loss and the SUM
