@@ -2,7 +2,7 @@
 SCENARIO ASSETS OUT`, and the config the runs train with.
 
 Scenarios: `equivalence` (2 GRPO steps for each loss type), `resume` (4 steps straight; 2, stop,
-resume, 2), `continue` (resume the run in OUT). Each rank joins the group through
+resume, 2). Each rank joins the group through
 `tinyr1.distributed.init_from_env`, as `tinyr1 train` does under torchrun. `failing_reward` is the
 reward that makes rank 1 fail in the CLI test.
 """
@@ -94,10 +94,13 @@ def config(assets: Path, out: Path, *extra: str):  # -> Config
 
 
 def equivalence(assets: Path, out: Path) -> None:
+    from rich.console import Console
+
     from tinyr1.session import train
 
     for loss in LOSS_TYPES:
-        train(config(assets, out / loss, f"grpo.loss_type={loss}", "train.steps=2", *LOSS_EXTRA[loss]))
+        train(config(assets, out / loss, f"grpo.loss_type={loss}", "train.steps=2", *LOSS_EXTRA[loss]),
+              console=Console(quiet=dist.rank() > 0 or dist.world_size() == 1))
 
 
 def resume(assets: Path, out: Path) -> None:
@@ -110,10 +113,6 @@ def resume(assets: Path, out: Path) -> None:
     train(load_config(str(out / "stopped" / "config.toml")), resume=out / "stopped")
 
 
-def resume_run(assets: Path, run: Path) -> None:
-    from tinyr1.session import train
-
-    train(load_config(str(run / "config.toml")), resume=run)
 
 
 calls = 0
@@ -135,4 +134,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     scenario, assets_dir, out_dir = sys.argv[1:4]
     dist.init_from_env()
-    {"equivalence": equivalence, "resume": resume, "continue": resume_run}[scenario](Path(assets_dir), Path(out_dir))
+    {"equivalence": equivalence, "resume": resume}[scenario](Path(assets_dir), Path(out_dir))

@@ -1,7 +1,8 @@
 """Data-parallel GRPO on the CPU: two gloo ranks under the real `torchrun` against one.
 
-Ranks run tests/dist_worker.py (or `-m tinyr1 train`) in subprocesses with one thread each. The
-reference is one rank under torchrun: a torchrun launch draws each prompt's completions from its
+Ranks run tests/dist_worker.py (or `-m tinyr1 train`) under torchrun in subprocesses, one thread
+each. The reference is one rank, this test process in a gloo group of one (`one_rank`, what
+`torchrun --nproc-per-node 1` gives): a torchrun launch draws each prompt's completions from its
 own stream, which is what makes the split irrelevant (a plain `tinyr1 train` draws one stream for
 the whole batch). The tiny fp32 model is deterministic on the CPU, so "the same update" is checked
 at 1e-6 on the weights and on every logged metric (the metrics matter: Adam's update hardly
@@ -20,18 +21,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import FAILED_AT, LOSS_TYPES, config, write_assets
+from dist_worker import FAILED_AT, LOSS_TYPES, config, equivalence, write_assets
 from rich.console import Console
 
 from tinyr1 import distributed as dist
-from tinyr1.checkpoint import RANK_RNG_FILE, latest_checkpoint
+from tinyr1.checkpoint import RANK_RNG_FILE, TrainState, latest_checkpoint, save_adapter
 from tinyr1.config_io import load_config, save_config
+from tinyr1.context import build_context
 from tinyr1.errors import ConfigError
 from tinyr1.session import train
+from tinyr1.trainer import resume_state
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
@@ -49,9 +54,36 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _torchrun(*args: str, ranks: int = 2, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *args]
+def _torchrun(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _start_torchrun(*args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> str:
+    """Wait for a started torchrun; its stdout (a failure shows its stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
+@contextmanager
+def one_rank() -> Iterator[None]:
+    """This test process as the one rank of a gloo group: what `torchrun --nproc-per-node 1` gives
+    `tinyr1 train` (the per-prompt sampling streams), without starting another process."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -84,10 +116,10 @@ def _assert_same_metrics(a: list[dict], b: list[dict], rel: float = 1e-6) -> Non
 
 
 def test_two_ranks_make_the_update_of_one_rank(assets: Path, tmp_path: Path) -> None:
-    for ranks, name in ((2, "two"), (1, "one")):
-        proc = _torchrun("tests/dist_worker.py", "equivalence", str(assets), str(tmp_path / name), ranks=ranks)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert ("8 prompts (2 ranks x 4) x G=4" if ranks == 2 else "8 prompts x G=4") in " ".join(proc.stdout.split())
+    two_ranks = _start_torchrun("tests/dist_worker.py", "equivalence", str(assets), str(tmp_path / "two"))
+    with one_rank():  # meanwhile, the reference here
+        equivalence(assets, tmp_path / "one")
+    assert "8 prompts (2 ranks x 4) x G=4" in " ".join(_finish(two_ranks).split())
     for loss in LOSS_TYPES:
         one, two = tmp_path / "one" / loss, tmp_path / "two" / loss
         a, b = _weights(one / "final"), _weights(two / "final")
@@ -107,8 +139,7 @@ def test_two_ranks_make_the_update_of_one_rank(assets: Path, tmp_path: Path) -> 
 
 
 def test_resume_under_two_ranks_reproduces_the_straight_run(assets: Path, tmp_path: Path) -> None:
-    proc = _torchrun("tests/dist_worker.py", "resume", str(assets), str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _finish(_start_torchrun("tests/dist_worker.py", "resume", str(assets), str(tmp_path)))
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert len(_metrics(straight)) == 4
     _assert_same_metrics(_metrics(straight), _metrics(stopped), rel=0)
@@ -125,20 +156,22 @@ def test_resume_under_two_ranks_reproduces_the_straight_run(assets: Path, tmp_pa
     # same prompts with the same streams (equal here; on GPUs rounding may make it drift)
     for name in ("one_rank", "plain"):
         shutil.copytree(stopped, tmp_path / name, ignore=shutil.ignore_patterns("step-000004", "final"))
-    proc = _torchrun("tests/dist_worker.py", "continue", str(assets), str(tmp_path / "one_rank"), ranks=1)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    said = " ".join(proc.stdout.split())
+    console = Console(record=True, width=300)
+    with one_rank():
+        train(load_config(str(tmp_path / "one_rank" / "config.toml")), resume=tmp_path / "one_rank", console=console)
+    said = console.export_text()
     assert "written by 2 torchrun rank(s) and resumes on 1 torchrun rank(s)" in said and "can differ" in said
     _assert_same_metrics(_metrics(straight), _metrics(tmp_path / "one_rank"))
     _assert_same_weights(a, _weights(tmp_path / "one_rank" / "final"), 1e-6)
-    # ... and by a plain process, which samples with one stream per step: adapter, optimizer and
-    # data position continue, the completions do not
-    console = Console(record=True, width=300)
-    train(load_config(str(tmp_path / "plain" / "config.toml")), resume=tmp_path / "plain", console=console)
-    said = console.export_text()
-    assert "resumes on one process (no torchrun)" in said and "sampling differs" in said
-    plain = _metrics(tmp_path / "plain")
-    assert plain[:2] == _metrics(straight)[:2] and len(plain) == 4 and plain[2] != _metrics(straight)[2]
+    # ... and by a plain process, which samples with one stream per step: what it restores and says
+    ctx = build_context(load_config(str(tmp_path / "plain" / "config.toml")), total_steps=4)
+    said = []
+    state = resume_state(ctx, tmp_path / "plain", note=said.append)
+    assert len(said) == 1 and "resumes on one process (no torchrun)" in said[0] and "sampling differs" in said[0]
+    assert state == TrainState(**json.loads((stopped / "checkpoints" / "step-000002" / "train_state.json").read_text()))
+    save_adapter(ctx.model, tmp_path / "restored", train_connector=True)
+    restored, saved = _weights(tmp_path / "restored"), _weights(stopped / "checkpoints" / "step-000002" / "adapter")
+    assert restored.keys() == saved.keys() and all(torch.equal(restored[k], saved[k]) for k in saved)
 
 
 def _cli_config(assets: Path, tmp_path: Path, *extra: str) -> Path:

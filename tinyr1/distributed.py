@@ -91,7 +91,7 @@ def init_from_env() -> bool:
         return False
     local = int(os.environ.get("LOCAL_RANK", "0"))
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-    backend = "gloo"
+    backend, device = "gloo", None
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
             raise DeviceError(
@@ -99,8 +99,8 @@ def init_from_env() -> bool:
                 "GPU(s): one rank per GPU, so --nproc_per_node must be at most the GPU count "
                 "(for a CPU run on a GPU machine, set CUDA_VISIBLE_DEVICES=)")
         torch.cuda.set_device(local)
-        backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=timeout)
+        backend, device = "cpu:gloo,cuda:nccl", torch.device("cuda", local)
+    dist.init_process_group(backend, timeout=timeout, device_id=device)
     atexit.register(shutdown)
     return True
 

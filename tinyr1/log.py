@@ -368,7 +368,7 @@ class QuietLogger(RunLogger):
     """What ranks other than 0 of a data-parallel run hold: the logger's calls, nothing written or
     shown (rank 0 writes every file, from metrics gathered over the ranks)."""
 
-    def __init__(self, *_: Any, **__: Any) -> None:  # noqa: D107 - no files, no display
+    def __init__(self, *_: Any, **__: Any) -> None:  # no files, no display
         pass
 
     def close(self) -> None:
