@@ -109,6 +109,7 @@ class RunShape:
     attn: Literal["sdpa", "eager"] = "sdpa"
     top_k: int = 50
     top_p: float = 1.0
+    temperature: float = 1.0
 
     @property
     def c(self) -> int:
@@ -131,7 +132,8 @@ class RunShape:
                    quant=m.quant, beta=cfg.grpo.beta, num_iterations=cfg.grpo.num_iterations,
                    grad_checkpointing=m.gradient_checkpointing, train_connector=m.train_connector,
                    optimizer=cfg.train.optimizer, device="cuda" if cuda else "cpu", logprob_backend=backend,
-                   liger=cuda and m.liger != "off", attn=m.attn_implementation, top_k=ro.top_k, top_p=ro.top_p)
+                   liger=cuda and m.liger != "off", attn=m.attn_implementation, top_k=ro.top_k, top_p=ro.top_p,
+                   temperature=ro.temperature)
 
 
 # ---------------------------------------------------------------- parameter counts

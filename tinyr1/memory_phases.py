@@ -143,12 +143,13 @@ def kv_bytes(arch: Arch, run: RunShape, rows: int, seq: int) -> int:
 
 
 def sampling_bytes(arch: Arch, run: RunShape, rows: int) -> int:
-    """Per decode step: logits, fp32 copy, /T, top-k/top-p filtering, probs, cdf, log-softmax ([rows, V])."""
+    """Per decode step ([rows, V] each): logits, their fp32 copy, /T (none at T = 1), then top-k/top-p
+    filtering and the probabilities, or the probabilities and the CDF (`rollout.sample_tokens`)."""
     c = run.c
-    base = c + (4 if c != 4 else 0) + 4
+    base = c + (4 if c != 4 else 0) + (4 if run.temperature != 1.0 else 0)
     topk = 4 if 0 < run.top_k < arch.vocab else 0
     filt = base + topk + (22 if run.top_p < 1 else 4)
-    end = base + 12  # the filtered copy is gone by then
+    end = base + 8  # probabilities + CDF; the filtered copy is gone by then
     return rows * arch.vocab * max(filt, end)
 
 
