@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,15 @@ class Sample:
         cols.update(question=self.question, answer=self.answer, options=self.options, video=str(self.video))
         cols.setdefault("solution", f"<answer>{self.answer}</answer>")
         return cols
+
+
+def reward_columns(samples: Sequence[Sample], repeat: int) -> dict[str, list[Any]]:
+    """The columns reward functions receive for `samples`, each row repeated `repeat` times (its G
+    completions). Every key that any row has becomes a column, None where a row lacks it: TRL's
+    contract is one aligned value per completion in every column, and optional keys differ by row."""
+    rows = [s.columns() for s in samples]
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {k: [row.get(k) for row in rows for _ in range(repeat)] for k in keys}
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import torch
 
 from tinyr1.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from tinyr1.context import Context
-from tinyr1.data import Sample
+from tinyr1.data import Sample, reward_columns
 from tinyr1.evaluate import decode_completions, prompt_tensor
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import (
@@ -132,10 +132,7 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
         generator=ctx.generator,
     )  # [B*G, L]
     texts = decode_completions(tok, ids, completion_mask(ids, tok.eos_token_id))
-    columns: dict[str, list[Any]] = {}
-    for s, _ in batch:
-        for key, value in s.columns().items():
-            columns.setdefault(key, []).extend([value] * g)
+    columns = reward_columns([s for s, _ in batch], g)  # every key of any row, None where a row lacks it
     per_reward, total = compute_rewards(ctx.reward_funcs, texts, columns)  # [B*G, R], [B*G]
     adv, reward_stats = group_advantages(
         total.float(), g, scale=cfg.grpo.scale_rewards, noise_std=cfg.grpo.noise_std, generator=ctx.generator
