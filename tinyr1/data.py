@@ -204,6 +204,10 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise DataError(f"{path}: dataset file not found") from err
+    except IsADirectoryError as err:
+        raise DataError(f"{path}: is a folder, not a dataset file; pass the .jsonl or .json file inside it") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the dataset file ({err.strerror or err})") from err
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason}); datasets are JSON/JSONL files") from err
     if text.lstrip().startswith("["):

@@ -59,7 +59,7 @@ class SampleFeeder:
             try:
                 out.append((sample, self.load_frames(sample)))
             except VideoError as err:
-                self._skip(f"{sample.video}: {err}")
+                self._skip(str(err))  # a VideoError starts with the video's path
         return out
 
     def _skip(self, what: str) -> None:

@@ -120,9 +120,15 @@ def _check(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tinyr1.data import scan_dataset
+    from tinyr1.errors import ConfigError
 
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be at least 1, got {args.frames}")
     console = Console()
     samples, problems = scan_dataset(args.file, video_root=args.video_root, fmt=args.fmt)
+    if not samples and not problems:
+        console.print(f"[red]{args.file}: the dataset has no rows[/]: nothing to train or evaluate on")
+        return 1
     videos = _open_videos(samples, args.frames)
     kinds = Counter(videos[str(s.video)][0] for s in samples)
     ok_infos = [videos[str(s.video)][1] for s in samples if videos[str(s.video)][0] == "ok"]

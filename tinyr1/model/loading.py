@@ -9,6 +9,7 @@ inside config.json are never resolved.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from tinyr1.errors import CheckpointError, DeviceError
+from tinyr1.errors import CheckpointError, ConfigError, DeviceError
 from tinyr1.hf_compat import enable_gradient_checkpointing
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
 from tinyr1.tokenizer import load_tokenizer as read_tokenizer
@@ -274,6 +275,16 @@ def add_lora(
     """Wrap the LLM with PEFT LoRA in place; the adapter saves/loads with plain `peft`."""
     from peft import LoraConfig, get_peft_model
 
+    names = [n for n, mod in model.language_model.named_modules() if isinstance(mod, nn.Linear)]  # NF4 too
+    linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+    absent = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if absent:
+        near = {t: difflib.get_close_matches(t, linear, n=1, cutoff=0.5) for t in absent}
+        hints = "".join(f" ('{t}': did you mean '{m[0]}'?)" for t, m in near.items() if m)
+        raise ConfigError(
+            f"lora.target_modules = {list(target_modules)}: the LLM has no linear layer named {', '.join(absent)}"
+            f"{hints}; its linear layers are {', '.join(linear)}"
+        )
     lora = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
         task_type="CAUSAL_LM", bias="none",
