@@ -115,19 +115,31 @@ def run(args: argparse.Namespace) -> int:
 def prepare_demo_assets(cfg: Config, console: Console) -> None:
     """The tiny demo's inputs, made on first use as `tinyr1 init-tiny` and `tinyr1 data synth` make
     them: a random checkpoint when `model.synth` is set and `model.path` has none, synthetic clips
-    when `data.synth` is set and `data.train` does not exist yet."""
+    when `data.synth` is set and `data.train` does not exist yet. Every path is checked before
+    anything is written, and nothing is written over an existing file (`synth.synthetic_target`)."""
+    from tinyr1.errors import ConfigError
     from tinyr1.model.writing import write_tiny_checkpoint
-    from tinyr1.synth import write_synthetic
+    from tinyr1.synth import synthetic_target, write_synthetic
 
     size = cfg.video.image_size or 32
-    if cfg.model.synth and not (Path(cfg.model.path) / "config.json").is_file():
+    d = cfg.data
+    data_dir = synthetic_target({"train": d.train, "eval": d.eval, "coldstart": d.coldstart},
+                                d.video_root) if d.synth else None
+    model_dir = Path(cfg.model.path)
+    make_model = cfg.model.synth and not (model_dir / "config.json").is_file()
+    if make_model and (model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir()))):
+        raise ConfigError(
+            f"model.path = {cfg.model.path!r} holds files but no config.json, and model.synth = true would write a "
+            "tiny random checkpoint there: a typo? Nothing was written. Fix: point model.path at a checkpoint "
+            "folder or a new folder, or set model.synth = false"
+        )
+    if make_model:
         console.print(f"creating a tiny random TinyLLaVA-Video checkpoint at {cfg.model.path}")
         write_tiny_checkpoint(cfg.model.path, seed=cfg.data.synth_seed, frames=cfg.video.num_frames, image_size=size)
-    if cfg.data.synth and cfg.data.train and not Path(cfg.data.train).is_file():
-        out = Path(cfg.data.video_root or Path(cfg.data.train).parent)
-        console.print(f"writing {cfg.data.synth_n} synthetic training clips (+{cfg.data.synth_eval_n} held out) to {out}")
-        write_synthetic(out, cfg.data.synth_n, cfg.data.synth_seed, frames=cfg.video.num_frames, size=size,
-                        eval_n=cfg.data.synth_eval_n)
+    if data_dir is not None:
+        console.print(f"writing {d.synth_n} synthetic training clips (+{d.synth_eval_n} held out) to {data_dir}")
+        write_synthetic(data_dir, d.synth_n, d.synth_seed, frames=cfg.video.num_frames, size=size,
+                        eval_n=d.synth_eval_n)
 
 
 def print_eval_summary(run_dir: Path, samples: int, console: Console) -> None:
