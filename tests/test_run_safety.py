@@ -5,6 +5,7 @@ checkpoint falls back to an intact one, and rows with different optional columns
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,174 @@ def test_the_tiny_presets_own_cache_is_where_synthetic_data_goes(tmp_path: Path,
     assert synthetic_target(paths, d.video_root) == Path(".tinyr1_cache/tiny/data")  # empty: still fine
     Path(d.train).write_text("{}\n")
     assert synthetic_target(paths, d.video_root) is None  # exists: nothing to write
+
+
+# ---- items 3, 4, 5, 8: run folders, evaluations, temp folders, corrupt checkpoints ---------------
+RUN = ("train.steps=4", "train.save_every=2", "train.eval_every=2")  # evaluations at 0, 2 and 4
+
+
+def run_cfg(assets: Path, out: Path, *extra: str):  # noqa: ANN201 - a Config
+    return tiny_cfg(assets, out, f"data.eval={assets / 'data' / 'eval.jsonl'}", *RUN, *extra)
+
+
+@pytest.fixture(scope="module")
+def straight(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    from tinyr1.session import train
+
+    return train(run_cfg(assets, tmp_path_factory.mktemp("straight") / "run"))
+
+
+def metrics_of(run: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("step_time", "time/", "memory/"))} for r in rows]
+
+
+def weights_of(adapter_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    out.update({f"connector.{k}": v for k, v in load_file(str(adapter_dir / "connector.safetensors")).items()})
+    return out
+
+
+def assert_same_run(run: Path, straight: Path) -> None:
+    """Nothing lost: the same metrics, evaluations and bit-identical final weights."""
+    import torch
+
+    from tinyr1.log import read_eval
+
+    assert metrics_of(run) == metrics_of(straight)
+    assert read_eval(run) == read_eval(straight)
+    a, b = weights_of(run / "final"), weights_of(straight / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def files_of(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_fresh_run_never_reuses_another_runs_folder(assets: Path, tmp_path: Path, straight: Path) -> None:
+    """Run A (6 steps, save every 3), then a fresh run B (4 steps, save every 2, another seed) into
+    the same folder: B is refused with --resume and --force named, A's files keep their bytes. With
+    --force B replaces A; a checkpoint of A copied back in is never resumed from nor pruned."""
+    import shutil
+
+    from tinyr1.errors import CheckpointError
+    from tinyr1.session import train
+
+    run = tmp_path / "run"
+    train(run_cfg(assets, run, "train.steps=6", "train.save_every=3", "train.seed=1"))
+    a_files = files_of(run)
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoints up to step 6, a final adapter\); "
+                       r"continue it with `tinyr1 train --resume .*`, start over in it with --force"):
+        train(run_cfg(assets, run))
+    assert files_of(run) == a_files
+    a_step6 = tmp_path / "a-step-6"
+    shutil.copytree(run / "checkpoints" / "step-000006", a_step6)
+    train(run_cfg(assets, run), force=True, stop_after=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000", "step-000002"]
+    assert not (run / "final").exists()
+    shutil.copytree(a_step6, run / "checkpoints" / "step-000006")  # another run's checkpoint, newer
+    train(load_config(str(run / "config.toml")), resume=run)
+    assert_same_run(run, straight)
+    assert files_of(run / "checkpoints" / "step-000006") == {
+        run / "checkpoints" / "step-000006" / p.relative_to(a_step6): b for p, b in files_of(a_step6).items()}
+
+
+def test_the_cli_refuses_a_fresh_run_in_a_used_folder_before_making_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Running the README's `--set train.output_dir=runs/tiny-demo` command a second time."""
+    from tinyr1.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs/tiny-demo")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.toml").write_text('preset = "tiny"\n')
+    code = main(["train", "--preset", "tiny", "--set", f"train.output_dir={run}", *SMALL_SYNTH])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume runs/tiny-demo" in err and "--force" in err, err
+    assert not Path(".tinyr1_cache").exists()
+
+
+@pytest.mark.parametrize("how", ["killed during the next step", "stopped by a signal"])
+def test_evaluations_survive_a_resume(assets: Path, tmp_path: Path, straight: Path, how: str) -> None:
+    """Resuming from checkpoint 2 keeps the evaluation at step 2 (killed during step 3: checkpoint 2
+    and its evaluation are on disk), or runs it (a signal stopped the run before it)."""
+    import shutil
+
+    from tinyr1.log import read_eval
+    from tinyr1.session import train
+
+    run = tmp_path / "run"
+    if how == "killed during the next step":
+        train(run_cfg(assets, run), stop_after=3)
+        shutil.rmtree(run / "checkpoints" / "step-000003")  # what a kill before that save leaves
+        assert [r["step"] for r in read_eval(run)] == [0, 2]
+    else:
+        train(run_cfg(assets, run), stop_after=2)
+        assert [r["step"] for r in read_eval(run)] == [0]
+    train(load_config(str(run / "config.toml")), resume=run)
+    assert [r["step"] for r in read_eval(run)] == [0, 2, 4]
+    assert_same_run(run, straight)
+
+
+def test_interrupted_saves_leave_no_temp_folders(assets: Path, tmp_path: Path, straight: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save interrupted half-way (its second file) leaves a temp folder; resuming removes this
+    run's and only this run's (by name), and still reproduces the uninterrupted run."""
+    import torch
+
+    from tinyr1 import checkpoint
+    from tinyr1.session import train
+
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def interrupted(obj: Any, f: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 1:  # 3 files per save (optimizer, scheduler, rng): the 3rd save, 1st file
+            raise KeyboardInterrupt  # Ctrl-C twice, or any kill: no cleanup runs
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_cfg(assets, run))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    temps = list((run / "checkpoints").glob(".tmp-*"))
+    assert len(temps) == 1 and temps[0].name.startswith(".tmp-step-000004-"), temps
+    temps[0].rename(temps[0].with_name(re.sub(r"-\d+$", "-999999", temps[0].name)))  # the process that wrote it is gone
+    foreign = run / "checkpoints" / ".tmp-step-000004-0123456789ab-4242"  # another run's, by name
+    foreign.mkdir()
+    train(load_config(str(run / "config.toml")), resume=run)
+    assert sorted(p.name for p in (run / "checkpoints").glob(".tmp-*")) == [foreign.name]
+    assert_same_run(run, straight)
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "zeroed optimizer state", "no rng state"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
+        assets: Path, tmp_path: Path, straight: Path, damage: str) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tinyr1.session import train
+
+    run = tmp_path / "run"
+    train(run_cfg(assets, run, "train.save_every=1"), stop_after=3)  # checkpoints 2 and 3 (keep 2)
+    latest = run / "checkpoints" / "step-000003"
+    if damage == "truncated adapter":
+        f = latest / "adapter" / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "zeroed optimizer state":
+        f = latest / "optimizer.pt"
+        f.write_bytes(b"\0" * f.stat().st_size)
+    else:
+        (latest / "rng.pt").unlink()
+    out = StringIO()
+    train(load_config(str(run / "config.toml")), resume=run, console=Console(file=out, width=300))
+    log = out.getvalue()
+    assert "step-000003 is unreadable" in log and "resuming from" in log and "step-000002 (step 2)" in log, log
+    assert (run / "checkpoints" / "corrupt-step-000003").is_dir()  # kept for a look, out of the way
+    assert_same_run(run, straight)

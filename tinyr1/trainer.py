@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tinyr1.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from tinyr1.checkpoint import TrainState, resume_latest, save_adapter, save_checkpoint
 from tinyr1.context import Context
 from tinyr1.data import Sample, reward_columns
 from tinyr1.evaluate import decode_completions, prompt_tensor
@@ -290,13 +290,11 @@ def save_state(ctx: Context, run_dir: Path, state: TrainState) -> None:
                     generator=ctx.generator, train_connector=ctx.cfg.model.train_connector, scaler=ctx.scaler)
 
 
-def resume_state(ctx: Context, run_dir: Path) -> TrainState | None:
-    """Restore the newest complete checkpoint of `run_dir` into `ctx`; None when there is none."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    return load_checkpoint(ckpt, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                           generator=ctx.generator, scaler=ctx.scaler)
+def resume_state(ctx: Context, run_dir: Path, *, run_id: str = "",
+                 note: Callable[[str], None] = print) -> TrainState | None:
+    """Restore the newest intact checkpoint of this run (`run_id`) into `ctx`; None when there is none."""
+    return resume_latest(run_dir, run_id=run_id, note=note, model=ctx.model, optimizer=ctx.optimizer,
+                         scheduler=ctx.scheduler, generator=ctx.generator, scaler=ctx.scaler)
 
 
 def save_final(ctx: Context, run_dir: Path) -> Path:

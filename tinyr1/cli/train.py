@@ -29,8 +29,10 @@ examples:
   tinyr1 train --resume runs/24gb-20261125-101500
       continue a stopped run exactly where its last checkpoint left it
 
-A run folder holds config.toml (fully resolved), metrics.jsonl, completions.jsonl, eval.jsonl,
-checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` / `tinyr1 merge`).
+A run folder holds run.json (the run's id), config.toml (fully resolved), metrics.jsonl,
+completions.jsonl, eval.jsonl, checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` /
+`tinyr1 merge`). A fresh run needs a new or empty train.output_dir: an old run there is continued
+with --resume or replaced with --force.
 Ctrl-C finishes the current step, saves a checkpoint and exits; `--resume` continues.
 """
 
@@ -47,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value, same spelling as the TOML (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a train.output_dir that holds an old run: deletes that run's checkpoints, logs "
+                   "and final adapter (without it a fresh run needs a new or empty folder)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the memory planner's check that the run fits the GPU (see `tinyr1 plan`)")
     add_threads_arg(p)
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from tinyr1.config_io import load_config, resolve_output_dir
     from tinyr1.device import configure_cuda_allocator
     from tinyr1.errors import ConfigError
+    from tinyr1.runfolder import check_fresh
     from tinyr1.session import train
 
     console = Console()
@@ -89,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.toml there; pass a run folder written by `tinyr1 train`")
-        if args.overrides:
-            raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
+        if args.overrides or args.force:
+            raise ConfigError("--resume continues a run with its stored config; --set and --force cannot be "
+                              "combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
         prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
@@ -104,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
+        check_fresh(Path(cfg.train.output_dir), force=args.force)  # before anything is made or loaded
         prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
-        out = train(cfg, console=console)
+        out = train(cfg, console=console, force=args.force)
     print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
     console.print(f"run folder: {out}")
     return 0
