@@ -319,3 +319,40 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(
     assert "step-000003 is unreadable" in log and "resuming from" in log and "step-000002 (step 2)" in log, log
     assert (run / "checkpoints" / "corrupt-step-000003").is_dir()  # kept for a look, out of the way
     assert_same_run(run, straight)
+
+
+def test_a_run_folder_is_used_by_one_process_at_a_time(straight: Path) -> None:
+    """While a process trains in a run folder (it holds RUN/.lock), another resume is refused
+    before it writes anything."""
+    import os
+
+    from tinyr1.errors import CheckpointError
+    from tinyr1.runfolder import run_lock
+    from tinyr1.session import train
+
+    before = files_of(straight)
+    with run_lock(straight), pytest.raises(CheckpointError, match=rf"in use by another tinyr1 process \(pid {os.getpid()}\)"):
+        train(load_config(str(straight / "config.toml")), resume=straight)
+    assert files_of(straight) == before
+
+
+def test_unreadable_eval_videos_are_listed_once(assets: Path, tmp_path: Path) -> None:
+    """Item 10: a bad clip in the training-time eval set is named in the log (once per run) and
+    counted in eval.jsonl, not silently dropped."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tinyr1.log import read_eval
+    from tinyr1.session import train
+
+    rows = [json.loads(line) for line in (assets / "data" / "eval.jsonl").read_text().splitlines()]
+    rows[1]["video"] = "videos/lost_clip.mp4"
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = StringIO()
+    run = train(tiny_cfg(assets, tmp_path / "run", f"data.eval={data}", "train.steps=1", "coldstart.enabled=false"),
+                console=Console(file=out, width=300))
+    log = out.getvalue()
+    assert log.count("lost_clip.mp4") == 1 and "evaluation skipped an unreadable video" in log, log
+    assert [(r["step"], r["n"], r["skipped"]) for r in read_eval(run)] == [(0, 3, 1), (1, 3, 1)]
