@@ -356,3 +356,54 @@ def test_unreadable_eval_videos_are_listed_once(assets: Path, tmp_path: Path) ->
     log = out.getvalue()
     assert log.count("lost_clip.mp4") == 1 and "evaluation skipped an unreadable video" in log, log
     assert [(r["step"], r["n"], r["skipped"]) for r in read_eval(run)] == [(0, 3, 1), (1, 3, 1)]
+
+
+# ---- item 6: a full disk or read-only output ---------------------------------------------------
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(assets: Path, tmp_path: Path, straight: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third save's optimizer state meets a full disk half-way, failing as torch does then
+    ("inline_container.cc ... unexpected pos", seen on a full tmpfs; tests/test_faults.py fills a
+    real one): a named DiskError with the path and the room needed, the previous checkpoint intact,
+    no temp folder; resuming then loses nothing."""
+    import io
+
+    import torch
+
+    from tinyr1 import checkpoint
+    from tinyr1.errors import DiskError
+    from tinyr1.session import train
+
+    run, calls, real_save = tmp_path / "run", {"n": 0}, torch.save
+
+    def third_save_hits_a_full_disk(obj: Any, f: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] != 7:
+            return real_save(obj, f)
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # what fitted
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint.torch, "save", third_save_hits_a_full_disk)
+    with pytest.raises(DiskError, match=r"disk full at .*/run/checkpoints \(needs ~\d.*B.*\) while saving checkpoint "
+                       r"step-000004; the previous checkpoint step-000002 is intact"):
+        train(run_cfg(assets, run))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000", "step-000002"]
+    train(load_config(str(run / "config.toml")), resume=run)
+    assert_same_run(run, straight)
+
+
+def test_eval_out_never_overwrites_a_file_it_did_not_write(assets: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before the evaluation: the data file itself, or any file without an eval summary."""
+    from tinyr1.cli import main
+
+    data = assets / "data" / "eval.jsonl"
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("mine\n")
+    for out, why in ((data, "is the --data file"), (notes, "is not an earlier `tinyr1 eval` output")):
+        before = out.read_bytes()
+        code = main(["eval", "--model", str(assets / "model"), "--data", str(data), "--out", str(out)])
+        assert code == 2 and why in capsys.readouterr().err
+        assert out.read_bytes() == before

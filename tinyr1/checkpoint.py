@@ -53,12 +53,24 @@ class TrainState:
 
 
 def save_adapter(model: TinyLlavaVideo, out_dir: Path, *, train_connector: bool) -> None:
-    """PEFT adapter folder (+ connector weights when trained): what `eval`/`merge` take."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.language_model.save_pretrained(str(out_dir))
-    if train_connector:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.connector.resampler.state_dict().items()}
-        save_file(state, str(out_dir / CONNECTOR_FILE))
+    """PEFT adapter folder (+ connector weights when trained): what `eval`/`merge` take. Written
+    into a temporary sibling and renamed into place, so `out_dir` is never half an adapter."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.language_model.save_pretrained(str(tmp))
+        if train_connector:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.connector.resampler.state_dict().items()}
+            save_file(state, str(tmp / CONNECTOR_FILE))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(

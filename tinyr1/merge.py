@@ -34,6 +34,7 @@ from tinyr1.model.loading import (
 )
 from tinyr1.model.tinyllava import TinyLlavaVideo
 from tinyr1.model.writing import write_checkpoint
+from tinyr1.storage import check_writable, disk_error
 
 try:
     import tomllib
@@ -217,6 +218,7 @@ def merge_adapter(
     for other, what in ((base_dir, "the base"), (Path(adapter), "the adapter")):
         if out_dir.resolve() == other.resolve() or other.resolve().is_relative_to(out_dir.resolve()):
             raise CheckpointError(f"--out {out_dir} would overwrite {what} ({other}); choose another folder")
+    check_writable(out_dir.parent, "--out folder")  # before loading and merging
     raw = read_config(base_dir).raw
     shapes = base_tensor_shapes(base_dir)
     refuse_quantized_base(base_dir, raw, shapes)
@@ -239,6 +241,13 @@ def merge_adapter(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    except (OSError, RuntimeError) as err:
+        need = sum(v.numel() * DTYPES[dtype].itemsize for v in state.values())
+        named = disk_error(err, out_dir.parent, need_bytes=need, what=f"writing the merged model {out_dir}",
+                           kept="nothing was written there")
+        if named is None:
+            raise
+        raise named from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,19 +17,20 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from tinyr1.checkpoint import TrainState, remove_stale_temps
+from tinyr1.checkpoint import TrainState, latest_checkpoint, remove_stale_temps
 from tinyr1.coldstart import run_coldstart
 from tinyr1.config import Config
 from tinyr1.config_io import save_config
 from tinyr1.config_validate import check_trainable
 from tinyr1.context import Context, build_context, frames_loader, load_split, total_steps
 from tinyr1.data import Sample
+from tinyr1.errors import DiskError
 from tinyr1.evaluate import evaluate
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import RunLogger, read_eval
 from tinyr1.model.loading import trainable_parameters
 from tinyr1.runfolder import check_fresh, read_identity, run_lock, start_run
-from tinyr1.storage import check_writable
+from tinyr1.storage import check_writable, disk_error, tree_bytes
 from tinyr1.trainer import grpo_loop, resume_state, save_final, save_state
 
 EVAL_SEED_OFFSET = 7  # evaluation sampling draws from its own seed, never the training sampler's
@@ -58,9 +59,23 @@ def train(
         identity = start_run(run_dir, force=force) if resume is None else read_identity(run_dir)
         for tmp in remove_stale_temps(run_dir, identity.run_id):
             console.print(f"removed {tmp}: a checkpoint whose save was interrupted")
-        save_config(cfg, run_dir / "config.toml")
-        _run(ctx, run_dir, identity.run_id, train_set, eval_set, steps, resume is not None, console, stop_after)
+        try:
+            save_config(cfg, run_dir / "config.toml")
+            _run(ctx, run_dir, identity.run_id, train_set, eval_set, steps, resume is not None, console, stop_after)
+        except (OSError, RuntimeError) as err:  # a full or read-only disk, in any library's words
+            named = _named_disk_error(err, run_dir, identity.run_id)
+            if named is None:
+                raise
+            raise named from err
     return run_dir
+
+
+def _named_disk_error(err: BaseException, run_dir: Path, run_id: str) -> DiskError | None:
+    """`err` as a DiskError saying what survived, or None when it is not a disk problem."""
+    latest = latest_checkpoint(run_dir, run_id=run_id)
+    kept = f"checkpoint {latest.name} is intact; resume with --resume {run_dir}" if latest else "no checkpoint yet"
+    need = tree_bytes(latest) if latest is not None else None
+    return disk_error(err, run_dir, need_bytes=need, what="training", kept=kept)
 
 
 def _run(ctx: Context, run_dir: Path, run_id: str, train_set: list[Sample], eval_set: list[Sample], steps: int,

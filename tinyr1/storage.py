@@ -74,8 +74,8 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def disk_error(err: BaseException, path: Path, *, need_bytes: int | None = None, what: str = "writing",
-               kept: str = "") -> DiskError | None:
+def disk_error(err: BaseException, path: str | os.PathLike[str], *, need_bytes: int | None = None,
+               what: str = "writing", kept: str = "") -> DiskError | None:
     """The DiskError that `err` (raised while writing under `path`) really is, or None when it is
     not a disk problem. `need_bytes` is what the write needed (shown as "needs ~N"); `kept` says
     what survived ("the previous checkpoint step-000004 is intact")."""
@@ -83,10 +83,6 @@ def disk_error(err: BaseException, path: Path, *, need_bytes: int | None = None,
     text = str(err).lower()
     full = code in FULL_ERRNOS or any(t in text for t in _FULL_TEXTS)
     read_only = code in READ_ONLY_ERRNOS or any(t in text for t in _READ_ONLY_TEXTS)
-    if not full and not read_only:
-        free = free_bytes(path)
-        full = isinstance(err, (OSError, RuntimeError)) and free is not None and need_bytes is not None \
-            and free < need_bytes
     if not (full or read_only):
         return None
     tail = f"; {kept}" if kept else ""

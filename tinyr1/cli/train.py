@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from tinyr1.errors import ConfigError
     from tinyr1.runfolder import check_fresh
     from tinyr1.session import train
+    from tinyr1.storage import check_writable
 
     console = Console()
     allocator = configure_cuda_allocator()  # before anything initializes CUDA
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
         cfg = resolve_output_dir(load_config(source, args.overrides))
         check_fresh(Path(cfg.train.output_dir), force=args.force)  # before anything is made or loaded
+        check_writable(Path(cfg.train.output_dir), "train.output_dir")
         prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
         out = train(cfg, console=console, force=args.force)
