@@ -26,6 +26,7 @@ from torch import nn
 
 from tinyr1.errors import CheckpointError, ConfigError, DeviceError
 from tinyr1.hf_compat import enable_gradient_checkpointing
+from tinyr1.model.adapter_check import check_adapter, module_shapes
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
 from tinyr1.tokenizer import load_tokenizer as read_tokenizer
 
@@ -297,20 +298,16 @@ def load_adapter(model: TinyLlavaVideo, adapter_dir: str | Path, *, trainable: b
     from peft import PeftModel
 
     adir = Path(adapter_dir)
-    if not (adir / "adapter_config.json").is_file():
-        raise CheckpointError(f"{adir} is not a LoRA adapter folder (no adapter_config.json)")
+    own = model.connector.resampler.state_dict()
+    check_adapter(adir, module_shapes(model.language_model), "this model",
+                  {k: tuple(v.shape) for k, v in own.items()})  # PEFT would drop unknown modules silently
     try:
         model.language_model = PeftModel.from_pretrained(model.language_model, str(adir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"adapter {adir} does not match the base model: {err}") from None
     conn = adir / "connector.safetensors"
     if conn.is_file():
-        state = load_file(str(conn))
-        own = model.connector.resampler.state_dict()
-        bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-        if bad:
-            raise CheckpointError(f"{conn}: tensors do not match the base model's connector: {', '.join(bad[:5])}")
-        model.connector.resampler.load_state_dict(state, strict=True)
+        model.connector.resampler.load_state_dict(load_file(str(conn)), strict=True)
 
 
 @contextlib.contextmanager
