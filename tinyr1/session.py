@@ -10,7 +10,8 @@ checkpoint but is missing (killed during it, or stopped by a signal first) runs 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tinyr1.evaluate import evaluate
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import RunLogger, read_eval
 from tinyr1.model.loading import trainable_parameters
+from tinyr1.reward_modules import locate_all
 from tinyr1.runfolder import check_fresh, read_identity, run_lock, start_run
 from tinyr1.storage import check_writable, disk_error, tree_bytes
 from tinyr1.trainer import grpo_loop, resume_state, save_final, save_state
@@ -38,11 +40,12 @@ EVAL_SEED_OFFSET = 7  # evaluation sampling draws from its own seed, never the t
 
 def train(
     cfg: Config, *, resume: Path | None = None, console: Console | None = None, stop_after: int | None = None,
-    force: bool = False,
+    force: bool = False, rewards_path: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Run the configured pipeline; returns the run folder. `stop_after` stops (with a checkpoint)
     after that many GRPO steps, as Ctrl-C would. A fresh run needs a new or empty
-    `train.output_dir` (or `force` to replace the run in it, see `runfolder`)."""
+    `train.output_dir` (or `force` to replace the run in it, see `runfolder`). Custom reward modules
+    come only from the `rewards_path` folders; run.json records their files."""
     console = console or Console()
     check_trainable(cfg)
     run_dir = Path(resume) if resume is not None else Path(cfg.train.output_dir)
@@ -53,10 +56,12 @@ def train(
     if cfg.train.eval_limit is not None:
         eval_set = eval_set[: cfg.train.eval_limit]
     steps = total_steps(cfg, len(train_set))
-    ctx = build_context(cfg, total_steps=steps)  # data, rewards and weights load before anything is written
+    ctx = build_context(cfg, total_steps=steps, rewards_path=rewards_path)  # all loads before anything is written
+    reward_files = {name: str(file) for name, (file, _) in locate_all(cfg.rewards.weights, rewards_path).items()}
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        identity = start_run(run_dir, force=force) if resume is None else read_identity(run_dir)
+        identity = start_run(run_dir, force=force, reward_files=reward_files) if resume is None \
+            else read_identity(run_dir)
         for tmp in remove_stale_temps(run_dir, identity.run_id):
             console.print(f"removed {tmp}: a checkpoint whose save was interrupted")
         try:

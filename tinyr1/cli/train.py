@@ -54,8 +54,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "and final adapter (without it a fresh run needs a new or empty folder)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the memory planner's check that the run fits the GPU (see `tinyr1 plan`)")
+    p.add_argument("--rewards-path", action="append", default=[], metavar="DIR",
+                   help="a folder custom reward modules (\"module:function\" in [rewards]) are imported from "
+                   "(repeatable; the --config file's folder is searched too, never the working directory)")
+    p.add_argument("--trust-rewards", action="store_true",
+                   help="run custom reward modules from files or folders another user owns or can write "
+                   "(e.g. resuming someone else's run folder); they are refused without it")
     add_threads_arg(p)
     p.set_defaults(func=run)
+
+
+def check_custom_rewards(cfg: Config, search: list[Path], *, trust: bool, console: Console,
+                         run_files: tuple[Path, ...] = ()) -> None:
+    """Print the file of every custom reward before anything runs; refuse files the user did not
+    write (another owner, or writable by others; on --resume also another user's run folder)
+    without --trust-rewards. See tinyr1.reward_modules."""
+    from tinyr1.errors import RewardError
+    from tinyr1.reward_modules import describe, locate_all, untrusted_reasons
+
+    found = locate_all(cfg.rewards.weights, search)
+    if not found:
+        return
+    for line in describe({name: file for name, (file, _) in found.items()}):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    reasons = untrusted_reasons([file for file, _ in found.values()], dict(found.values()), run_files)
+    if reasons and not trust:
+        shown = "\n  ".join(reasons[:8])
+        raise RewardError(
+            f"custom reward code from a place you did not write would run in this process:\n  {shown}\n"
+            "read the module(s) above; if you trust them, run again with --trust-rewards"
+        )
 
 
 def _check_memory(cfg: Config, no_check: bool) -> None:
@@ -83,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from tinyr1.config_io import load_config, resolve_output_dir
     from tinyr1.device import configure_cuda_allocator
     from tinyr1.errors import ConfigError
-    from tinyr1.runfolder import check_fresh
+    from tinyr1.reward_modules import search_folders
+    from tinyr1.runfolder import check_fresh, read_identity
     from tinyr1.session import train
     from tinyr1.storage import check_writable
 
@@ -100,9 +129,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its stored config; --set and --force cannot be "
                               "combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
+        recorded = read_identity(run_dir).reward_files.values()
+        search = search_folders(str(run_dir / "config.toml"), args.rewards_path, recorded)
+        check_custom_rewards(cfg, search, trust=args.trust_rewards, console=console,
+                             run_files=(run_dir / "config.toml", run_dir / "run.json"))
         prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
-        out = train(cfg, resume=run_dir, console=console)
+        out = train(cfg, resume=run_dir, console=console, rewards_path=search)
     else:
         source = args.config or args.preset
         if args.preset == "auto":
@@ -114,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve_output_dir(load_config(source, args.overrides))
         check_fresh(Path(cfg.train.output_dir), force=args.force)  # before anything is made or loaded
         check_writable(Path(cfg.train.output_dir), "train.output_dir")
+        search = search_folders(args.config, args.rewards_path)
+        check_custom_rewards(cfg, search, trust=args.trust_rewards, console=console)
         prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
-        out = train(cfg, console=console, force=args.force)
+        out = train(cfg, console=console, force=args.force, rewards_path=search)
     print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
     console.print(f"run folder: {out}")
     return 0
