@@ -264,19 +264,24 @@ def completion_rows(ro: Rollout, samples: list[Sample]) -> list[dict[str, Any]]:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM finish the current step, save, and exit cleanly."""
+    """SIGINT/SIGTERM finish the current step, save, and exit cleanly. `StopFlag.received` keeps the
+    signal that stopped the last loop (None: it ran to the end), for the CLI's exit code."""
+
+    received: int | None = None
 
     def __init__(self) -> None:
         self.stop = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
+        StopFlag.received = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.stop = True
+        StopFlag.received = signum
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from tinyr1.config import Config
 
 ORDER = 10
+EXIT_SIGNAL_BASE = 128  # stopped by signal N after saving a checkpoint: exit 128 + N (130 SIGINT, 143 SIGTERM)
 
 EPILOG = """\
 examples:
@@ -34,6 +35,10 @@ completions.jsonl, eval.jsonl, checkpoints/step-N/ and final/ (the LoRA adapter 
 `tinyr1 merge`). A fresh run needs a new or empty train.output_dir: an old run there is continued
 with --resume or replaced with --force.
 Ctrl-C finishes the current step, saves a checkpoint and exits; `--resume` continues.
+
+exit status: 0 finished; 2 bad input, a refused folder or a full disk (the message says which and
+the fix); 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) stopped by that signal after saving a checkpoint,
+resumable; 1 an internal error (a bug: please report it with the traceback).
 """
 
 
@@ -118,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     allocator = configure_cuda_allocator()  # before anything initializes CUDA
-    apply_threads(args.threads)
+    threads_note = apply_threads(args.threads)  # load-aware default: a busy CPU slows, never stalls, a run
+    if threads_note:
+        console.print(threads_note, highlight=False)
     if torch.cuda.is_available():
         console.print(allocator)
     if args.resume:
@@ -152,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
         prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
         _check_memory(cfg, args.no_check)
         out = train(cfg, console=console, force=args.force, rewards_path=search)
+    from tinyr1.trainer import StopFlag
+
+    if StopFlag.received is not None:  # stopped by a signal, checkpoint saved: say so in the exit status
+        console.print(f"run folder: {out} (stopped by signal {StopFlag.received}; continue with --resume {out})")
+        return EXIT_SIGNAL_BASE + StopFlag.received
     print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
     console.print(f"run folder: {out}")
     return 0
