@@ -35,6 +35,7 @@ COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 STEP_RE = re.compile(r"step-\d+")
 TMP_RE = re.compile(r"\.tmp-step-\d+-(?:(?P<run>[0-9a-f]+)-)?\d+")  # .tmp-step-N-[RUNID-]PID
+FINAL_TMP_RE = re.compile(r"\.final\.tmp-\d+")  # save_adapter's temp name for RUN/final
 ADAPTER = "adapter"
 CONNECTOR_FILE = "connector.safetensors"
 
@@ -123,6 +124,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync_dir(root)
     for old in complete_checkpoints(run_dir, run_id=state.run_id)[:-keep]:
+        (old / COMPLETE).unlink(missing_ok=True)  # first: a half-deleted checkpoint is never "complete"
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -174,17 +176,21 @@ def latest_checkpoint(run_dir: Path, *, run_id: str | None = None) -> Path | Non
 
 
 def remove_stale_temps(run_dir: Path, run_id: str) -> list[Path]:
-    """Delete the temporary folders that interrupted saves of this run left (`.tmp-step-N-RUNID-PID`;
-    runs from before run ids: `.tmp-step-N-PID`). Call with the run folder locked: no save of
-    this run is in progress then. Another run's temp folders are never touched."""
+    """Delete the temporary folders that interrupted saves of this run left: checkpoints
+    (`.tmp-step-N-RUNID-PID`; runs from before run ids: `.tmp-step-N-PID`), the final adapter
+    (`RUN/.final.tmp-PID`) and checkpoints whose pruning was interrupted (`step-N` without its
+    COMPLETE marker, which pruning removes first). Call with the run folder locked: no save of this
+    run is in progress then. Another run's folders are never touched."""
     root = Path(run_dir) / CHECKPOINTS
-    removed = []
-    for p in sorted(root.glob(f"{TMP_PREFIX}step-*")) if root.is_dir() else []:
-        m = TMP_RE.fullmatch(p.name)
-        if m and (m.group("run") or "") == run_id:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    stale = [p for p in (sorted(root.glob(f"{TMP_PREFIX}step-*")) if root.is_dir() else [])
+             if (m := TMP_RE.fullmatch(p.name)) and (m.group("run") or "") == run_id]
+    stale += [p for p in (sorted(root.glob("step-*")) if root.is_dir() else [])
+              if STEP_RE.fullmatch(p.name) and p.is_dir() and not (p / COMPLETE).exists()
+              and checkpoint_run_id(p) in (run_id, None)]
+    stale += [p for p in sorted(Path(run_dir).glob(".final.tmp-*")) if FINAL_TMP_RE.fullmatch(p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tinyr1.config import Config
+from tinyr1.config_io import save_config
 from tinyr1.errors import CheckpointError
 
 RUN_FILE = "run.json"
@@ -80,9 +82,10 @@ def check_fresh(run_dir: Path, *, force: bool) -> None:
         )
 
 
-def start_run(run_dir: Path, *, force: bool, reward_files: dict[str, str] | None = None) -> RunIdentity:
+def start_run(run_dir: Path, cfg: Config, *, force: bool, reward_files: dict[str, str] | None = None) -> RunIdentity:
     """Make `run_dir` this new run's folder (call it holding `run_lock`): check it again, remove an old
-    run's outputs when `force`, and write run.json with a new run id."""
+    run's outputs when `force`, write config.toml, then run.json with a new run id (in that order: a
+    kill between the two leaves a folder `--resume` starts from the beginning)."""
     check_fresh(run_dir, force=force)
     if force:
         for name in RUN_OUTPUTS:
@@ -95,6 +98,7 @@ def start_run(run_dir: Path, *, force: bool, reward_files: dict[str, str] | None
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (containers)
         user = ""
+    save_config(cfg, run_dir / CONFIG_FILE)
     identity = RunIdentity(run_id=uuid.uuid4().hex[:12], uid=_uid(), user=user,
                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            reward_files=dict(reward_files or {}))

@@ -60,7 +60,7 @@ def train(
     reward_files = {name: str(file) for name, (file, _) in locate_all(cfg.rewards.weights, rewards_path).items()}
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        identity = start_run(run_dir, force=force, reward_files=reward_files) if resume is None \
+        identity = start_run(run_dir, cfg, force=force, reward_files=reward_files) if resume is None \
             else read_identity(run_dir)
         for tmp in remove_stale_temps(run_dir, identity.run_id):
             console.print(f"removed {tmp}: a checkpoint whose save was interrupted")
