@@ -63,9 +63,8 @@ def choose_threads(requested: int | None, torch_default: int,
     env = os.environ if environ is None else environ
     if requested is not None:
         return max(requested, 1), f"CPU: {max(requested, 1)} torch thread(s) (--threads)"
-    explicit = [k for k in THREAD_VARIABLES if env.get(k)]
-    if explicit:
-        return None, f"CPU: {torch_default} torch thread(s) ({explicit[0]}={env[explicit[0]]})"
+    if any(env.get(k) for k in THREAD_VARIABLES):  # the user's choice, already torch's
+        return None, ""
     cores, load = available_cores(), load_average()
     chosen = default_threads(cores, load, torch_default)
     if chosen >= torch_default:
