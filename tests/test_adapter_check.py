@@ -60,7 +60,7 @@ def test_eval_refuses_an_adapter_of_a_deeper_model_like_merge_does(assets: dict[
     capsys.readouterr()
     code = main(eval_argv(assets, assets["deep_adapter"], tmp_path / "p.jsonl"))
     err = capsys.readouterr().err
-    assert code == 2 and "does not match the base this model" in err and "has no model.layers.4.self_attn.q_proj" in err
+    assert code == 2 and "does not match this model" in err and "has no model.layers.4.self_attn.q_proj" in err
     assert not (tmp_path / "p.jsonl").exists()
     code = main(["merge", "--base", str(assets["base"]), "--adapter", str(assets["deep_adapter"]),
                  "--out", str(tmp_path / "m")])

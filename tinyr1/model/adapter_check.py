@@ -143,7 +143,7 @@ def check_adapter(adapter_dir: str | Path, llm_shapes: Shapes, model_name: str,
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(
-            f"adapter {adir} does not match the base {model_name}:\n  {shown}\n"
+            f"adapter {adir} does not match {model_name}:\n  {shown}\n"
             "use it with the checkpoint it was trained on (see base_model_name_or_path in adapter_config.json)"
         )
     if not modules:
