@@ -151,6 +151,9 @@ def parse_overrides(overrides: list[str], data: dict[str, Any], origins: Origins
         if section not in SECTIONS:
             problems.append(_unknown_section(section, f"--set {item}"))
             continue
+        if not text.strip():  # an empty value is a slip (an unset shell variable), never "none"
+            problems.append(f"--set {item}: no value after '='; write a value, or none to unset an optional key")
+            continue
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         if section in TABLE_FIELDS:

@@ -7,7 +7,8 @@ and the benchmarks get a model, optimizer and schedule, so what they measure is 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,13 +43,14 @@ class Context:
     scaler: torch.amp.GradScaler | None = None  # loss scaling when the compute dtype is fp16
 
 
-def build_context(cfg: Config, *, total_steps: int) -> Context:
-    """Model, optimizer, a schedule over `total_steps` GRPO steps, sampler RNG and rewards.
+def build_context(cfg: Config, *, total_steps: int, rewards_path: Sequence[str | os.PathLike[str]] = ()) -> Context:
+    """Model, optimizer, a schedule over `total_steps` GRPO steps, sampler RNG and rewards (custom
+    reward modules only from the `rewards_path` folders).
 
     The global torch seed is set first: LoRA's initialization (and with it the whole run) is a
     function of `train.seed`.
     """
-    reward_funcs = resolve_rewards(cfg.rewards.weights)
+    reward_funcs = resolve_rewards(cfg.rewards.weights, rewards_path)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = build_model(cfg)
     t = cfg.train

@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from tinyr1.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from tinyr1.checkpoint import TrainState, resume_latest, save_adapter, save_checkpoint
 from tinyr1.context import Context
-from tinyr1.data import Sample
+from tinyr1.data import Sample, reward_columns
 from tinyr1.evaluate import decode_completions, prompt_tensor
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import (
@@ -132,10 +132,7 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
         generator=ctx.generator, sync_every=rc.sync_every, cuda_graphs=rc.cuda_graphs,
     )  # [B*G, L]
     texts = decode_completions(tok, ids, completion_mask(ids, tok.eos_token_id))
-    columns: dict[str, list[Any]] = {}
-    for s, _ in batch:
-        for key, value in s.columns().items():
-            columns.setdefault(key, []).extend([value] * g)
+    columns = reward_columns([s for s, _ in batch], g)  # every key of any row, None where a row lacks it
     per_reward, total = compute_rewards(ctx.reward_funcs, texts, columns)  # [B*G, R], [B*G]
     adv, reward_stats = group_advantages(
         total.float(), g, scale=cfg.grpo.scale_rewards, noise_std=cfg.grpo.noise_std, generator=ctx.generator
@@ -267,19 +264,24 @@ def completion_rows(ro: Rollout, samples: list[Sample]) -> list[dict[str, Any]]:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM finish the current step, save, and exit cleanly."""
+    """SIGINT/SIGTERM finish the current step, save, and exit cleanly. `StopFlag.received` keeps the
+    signal that stopped the last loop (None: it ran to the end), for the CLI's exit code."""
+
+    received: int | None = None
 
     def __init__(self) -> None:
         self.stop = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
+        StopFlag.received = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.stop = True
+        StopFlag.received = signum
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -293,13 +295,11 @@ def save_state(ctx: Context, run_dir: Path, state: TrainState) -> None:
                     generator=ctx.generator, train_connector=ctx.cfg.model.train_connector, scaler=ctx.scaler)
 
 
-def resume_state(ctx: Context, run_dir: Path) -> TrainState | None:
-    """Restore the newest complete checkpoint of `run_dir` into `ctx`; None when there is none."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    return load_checkpoint(ckpt, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                           generator=ctx.generator, scaler=ctx.scaler)
+def resume_state(ctx: Context, run_dir: Path, *, run_id: str = "",
+                 note: Callable[[str], None] = print) -> TrainState | None:
+    """Restore the newest intact checkpoint of this run (`run_id`) into `ctx`; None when there is none."""
+    return resume_latest(run_dir, run_id=run_id, note=note, model=ctx.model, optimizer=ctx.optimizer,
+                         scheduler=ctx.scheduler, generator=ctx.generator, scaler=ctx.scaler)
 
 
 def save_final(ctx: Context, run_dir: Path) -> Path:

@@ -141,7 +141,7 @@ def _bench_root(args: argparse.Namespace) -> int:
     from tinyr1.preset_bench import print_result, run_preset_bench
 
     console = Console()
-    apply_threads(args.threads)
+    apply_threads(args.threads, auto=False)  # a benchmark measures torch's own default unless told
     knobs = {k: getattr(args, k) for k in ("layers", "hidden", "vision_layers", "vision_hidden", "vocab")}
     bad = [f"--{k.replace('_', '-')}" for k, v in knobs.items() if v is not None and v < 1]
     if bad:
