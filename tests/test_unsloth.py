@@ -384,3 +384,26 @@ def test_planner_models_the_fused_update_within_20_percent(tmp_path: Path) -> No
         planned[backend], measured[backend] = est.phase_total("update", ("kept", "activation")), update - grads
         assert planned[backend] == pytest.approx(measured[backend], rel=0.2), (backend, est.moments)
     assert planned["unsloth"] < planned["peft"] and measured["unsloth"] < measured["peft"], (planned, measured)
+
+
+def test_bench_compares_the_backends_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tinyr1 bench --preset tiny --backends peft,unsloth`: both run on the same checkpoint and shapes
+    (peft first) and print one table; no timing claim on a CPU, only that the numbers are there."""
+    import json
+
+    from tinyr1.cli import main
+
+    monkeypatch.setenv("COLUMNS", "220")
+    out_json = tmp_path / "cmp.json"
+    assert main(["bench", "--preset", "tiny", "--steps", "1", "--backends", "unsloth,peft", "--json", str(out_json),
+                 "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
+                 "--set", "rollout.max_new_tokens=4", "--set", "train.micro_batch_size=2",
+                 "--set", "video.num_frames=4", "--set", "video.max_frames=4"]) == 0
+    out = capsys.readouterr().out
+    assert "backends side by side" in out and "update / peft" in out
+    res = json.loads(out_json.read_text())
+    assert [r["shape"]["backend"] for r in res] == ["peft", "unsloth"]
+    assert res[0]["arch"] == res[1]["arch"] and res[0]["new_tokens"] == res[1]["new_tokens"] == [2 * 2 * 4]
+    for r in res:
+        assert r["seconds"]["update"] > 0 and r["measured"]["update"] > 0
