@@ -134,7 +134,7 @@ def test_gpu_check_script_parses_and_every_tinyr1_command_in_it_parses() -> None
         seen.append(args.command + (f" {args.bench_command or '--preset'}" if args.command == "bench" else ""))
         if args.command == "train":
             load_config(args.preset, args.overrides)  # every --set key exists and validates
-    assert seen == ["doctor", "bench kernels", "init-tiny", "train", "bench --preset"], seen
+    assert seen == ["doctor", "bench kernels", "init-tiny", "train", "bench --preset", "bench --preset"], seen  # + backends
 
 
 STUB_TINYR1 = """#!/usr/bin/env bash

@@ -40,8 +40,14 @@ class ModelConfig:
         "auto", "compute dtype; auto = bf16 on CUDA, fp32 on CPU"
     )
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel of the LLM and vision tower")
-    gradient_checkpointing: bool = _f(
-        True, "recompute LLM activations in the backward pass (less memory, ~30% slower)"
+    backend: Literal["peft", "unsloth"] = _f(
+        "peft",
+        "how the LoRA layers compute: peft = PEFT LoRA over bitsandbytes; unsloth = unsloth's fused LoRA "
+        "kernels bound onto the Qwen2 layers (needs lora.dropout = 0; pip install 'tinyr1[unsloth]')",
+    )
+    gradient_checkpointing: bool | Literal["offload"] = _f(
+        True, "recompute LLM activations in the backward pass (less memory, ~30% slower); "
+        "offload = also keep the checkpointed layer inputs in host RAM until the backward",
     )
     train_connector: bool = _f(
         True, "also train the connector (full weights) besides the LoRA adapters, as the paper"

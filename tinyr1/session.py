@@ -139,7 +139,16 @@ def describe_run(ctx: Context) -> str:
     scaling = " with loss scaling" if ctx.scaler is not None else ""
     return (f"run: {cfg.preset} on {model.device} · LLM {cfg.model.quant}, compute {chosen}{scaling} · LoRA r{cfg.lora.r} "
             f"({trainable / 1e6:.2f}M fp32 trainable in {n_params} tensors) · {ro.prompts_per_step} prompts x "
-            f"G={ro.num_generations} · log-probs: {ctx.backend} kernel")
+            f"G={ro.num_generations} · log-probs: {ctx.backend} kernel" + _backend_note(ctx))
+
+
+def _backend_note(ctx: Context) -> str:
+    """With model.backend = "unsloth": which fused kernels are bound (imports no unsloth)."""
+    if ctx.cfg.model.backend != "unsloth":
+        return ""
+    from tinyr1.backends.unsloth import bound_layers, describe
+
+    return f" · {describe(bound_layers(ctx.model.llm))}"
 
 
 def held_out_accuracy(ctx: Context, samples: list[Sample], load: Callable[[Sample], torch.Tensor],

@@ -28,6 +28,7 @@ from tinyr1.errors import CheckpointError, ConfigError, DeviceError
 from tinyr1.hf_compat import enable_gradient_checkpointing
 from tinyr1.model.adapter_check import check_adapter, module_shapes
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+from tinyr1.offload import enable_offload
 from tinyr1.tokenizer import load_tokenizer as read_tokenizer
 
 # peft and bitsandbytes are imported where used: bitsandbytes logs a notice on import that the
@@ -321,7 +322,9 @@ def adapters_disabled(model: TinyLlavaVideo) -> Iterator[None]:
         yield
 
 
-def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradient_checkpointing: bool) -> None:
+def prepare_for_training(
+    model: TinyLlavaVideo, *, train_connector: bool, gradient_checkpointing: bool | Literal["offload"],
+) -> None:
     """Freeze everything but LoRA (and the connector when asked); vision tower stays in eval mode.
 
     Trainable weights are fp32 master weights whatever the compute dtype: an AdamW step at lr 1e-5
@@ -334,6 +337,8 @@ def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradie
         model.connector.float().requires_grad_(True)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model.llm)
+    if gradient_checkpointing == "offload":  # checkpointed layer inputs wait in host RAM (tinyr1.offload)
+        enable_offload(model.llm.model.layers)
     model.train()
     model.vision_tower.eval()
 
