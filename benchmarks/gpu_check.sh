@@ -96,6 +96,11 @@ for preset in $PRESETS; do
     run_step "bench-$preset" 240 tinyr1 bench --preset "$preset" --steps "$STEPS" --checkpoint-dir "$ckpt" \
         --json "$OUT/bench-$preset.json"
 done
+# the two LoRA backends side by side (docs/BENCHMARKS.md, "LoRA backends"), where unsloth is installed
+if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('unsloth') is None)"; then
+    run_step "bench-24gb-backends" 480 tinyr1 bench --preset 24gb --backends peft,unsloth --steps "$STEPS" \
+        --checkpoint-dir "$ckpt" --json "$OUT/bench-24gb-backends.json"
+fi
 
 echo "== summary ($((SECONDS))s; results in $OUT/)"
 cat "$OUT/summary.txt"

@@ -11,7 +11,9 @@ All three get the same random Qwen2-shaped LLM (a TinyLLaVA-Video whose video to
 the same B prompts of ~650 positions (512 video tokens + text, lengths differing by a few tokens so
 the prefill pads), top-k 50 at temperature 1, and every completion runs to max_new_tokens (no
 token is EOS), so all three do the same work. The three alternate within each repetition, so a
-busy machine slows them alike; the time is the median over repetitions. Peak memory is measured in
+busy machine slows them alike; the time is the median over repetitions, on the CPU in CPU seconds
+of this process (wall seconds are printed beside: on a shared machine they also count the turns of
+other processes). Peak memory is measured in
 a separate untimed call per sampler: live tensor bytes created during the call
 (`tinyr1.memory_measure.LiveTensorBytes`; on CUDA `max_memory_allocated` above the start).
 
@@ -136,17 +138,19 @@ def main(argv: list[str] | None = None) -> None:
         runs = {k: v for k, v in runs.items() if k[:3] in keep}
     tokens = args.prompts * args.group * args.new_tokens
     times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for rep in range(args.reps + 1):
         for name, fn in runs.items():
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             assert out.shape[-1] == args.new_tokens, (name, tuple(out.shape))
             if rep:
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     peaks = {name: peak_bytes(fn, args.device) for name, fn in runs.items()}
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
     print(f"{datetime.date.today()}, {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -154,14 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Qwen2 {args.hidden}x{args.layers}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, {args.dtype}; "
           f"B={args.prompts} prompts of ~{args.prompt} positions, G={args.group}, {args.new_tokens} new tokens, "
           f"top-k 50; median of {args.reps}\n")
-    print("| sampler | s / rollout | tokens/s | peak live memory | vs (b) speed | vs (b) memory |")
-    print("|---|--:|--:|--:|--:|--:|")
+    # CPU seconds of this process: on a shared machine wall time also counts other processes' turns
+    clock = cpu if args.device == "cpu" else times
+    unit = "CPU s" if args.device == "cpu" else "s"
+    print(f"| sampler | wall s / rollout | {unit} / rollout | tokens / {unit} | peak live memory | vs (b) speed | vs (b) memory |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
     base = "(b) tinyr1 before #12"
     for name in runs:
-        med = statistics.median(times[name])
-        speed = f"{statistics.median(times[base]) / med:.2f}x" if base in times else "-"
+        med = statistics.median(clock[name])
+        speed = f"{statistics.median(clock[base]) / med:.2f}x" if base in clock else "-"
         mem = f"{peaks[name] / peaks[base] - 1:+.0%}" if base in peaks else "-"
-        print(f"| {name} | {med:.2f} | {tokens / med:,.0f} | {peaks[name] / 2**20:,.1f} MiB | {speed} | {mem} |")
+        print(f"| {name} | {statistics.median(times[name]):.2f} | {med:.2f} | {tokens / med:,.0f} | "
+              f"{peaks[name] / 2**20:,.1f} MiB | {speed} | {mem} |")
 
 
 if __name__ == "__main__":

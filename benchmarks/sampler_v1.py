@@ -13,7 +13,28 @@ import torch
 
 from tinyr1.hf_compat import CACHE_KW, cache_of
 from tinyr1.model.tinyllava import TinyLlavaVideo, right_to_left_pad
-from tinyr1.rollout import sample_tokens
+from tinyr1.rollout import filter_logits
+
+
+def sample_tokens_v1(
+    logits: torch.Tensor, u: torch.Tensor, *, temperature: float, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token sampler before issue #12 (six [N, V] buffers at its peak); see tinyr1.rollout.sample_tokens.
+
+    logp is under the unfiltered softmax(logits / T) — what the update recomputes. T = 0 is greedy
+    (logp then under T = 1).
+    """
+    logits = logits.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+    scaled = logits / temperature  # [N, V]
+    probs = filter_logits(scaled, top_k, top_p).softmax(-1)  # [N, V]
+    cdf = probs.cumsum(-1)  # [N, V]
+    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)  # [N, 1]
+    tok = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+    tok = torch.where(probs.gather(1, tok[:, None])[:, 0] > 0, tok, probs.argmax(-1))  # fp edge safety
+    return tok, scaled.log_softmax(-1).gather(1, tok[:, None])[:, 0]
 
 
 @torch.no_grad()
@@ -49,7 +70,7 @@ def sample_group_v1(
     steps = 0
     for t in range(max_new_tokens):
         u = torch.rand(n, generator=generator, device="cpu" if generator is None else generator.device)
-        tok, lp = sample_tokens(logits, u.to(dev)[active], temperature=temperature, top_k=top_k, top_p=top_p)
+        tok, lp = sample_tokens_v1(logits, u.to(dev)[active], temperature=temperature, top_k=top_k, top_p=top_p)
         ids[active, t] = tok
         logp[active, t] = lp
         steps = t + 1

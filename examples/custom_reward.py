@@ -8,18 +8,23 @@ float per completion. `columns` holds every dataset column as a list aligned wit
 (at least `solution` = "<answer>X</answer>", `answer` = "X", `question`, `options`, `video`, plus
 whatever else the JSONL rows carry), so accept `**kwargs` and take what you need.
 
-Use it in training (the module must be importable: run from this folder or put it on PYTHONPATH):
+Use it in training (tinyr1 imports a custom module only from the folder of the --config TOML
+that names it, or from a folder given with --rewards-path; never from PYTHONPATH or the working
+directory, and never a standard-library module):
 
-    PYTHONPATH=examples tinyr1 train --preset tiny --set rewards.custom_reward:concise_think=0.5
+    tinyr1 train --preset tiny --rewards-path examples --set rewards.custom_reward:concise_think=0.5
 
-`--set rewards.NAME=WEIGHT` adds the reward to the preset's `r1 = 1.0`; the run logs it as
-`rewards/custom_reward:concise_think/mean` in metrics.jsonl. tinyr1 imports a custom module only
-when a config names it. A reward that raises, returns the wrong length, NaN or inf stops the run
-with a message naming it (a silently broken reward would train on noise).
+`--set rewards.NAME=WEIGHT` adds the reward to the preset's `r1 = 1.0`; the run prints the file it
+imports (`custom reward custom_reward:concise_think: /.../examples/custom_reward.py`) and logs it as
+`rewards/custom_reward:concise_think/mean` in metrics.jsonl. A module in a file or folder that another
+user owns or can write runs only with --trust-rewards. A reward that raises, returns the wrong
+length, NaN or inf stops the run with a message naming it (a silently broken reward would train on
+noise).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tinyr1.answers import think_text  # the <think> reading the built-in rewards use
@@ -74,7 +79,8 @@ if __name__ == "__main__":
     ]
     columns = {"solution": ["<answer>A</answer>"] * 3, "answer": ["A"] * 3,
                "options": [["red", "green", "blue", "yellow"]] * 3}
-    funcs = resolve_rewards({"r1": 1.0, "custom_reward:concise_think": 0.5, "custom_reward:names_the_answer": 0.25})
+    funcs = resolve_rewards({"r1": 1.0, "custom_reward:concise_think": 0.5, "custom_reward:names_the_answer": 0.25},
+                            [Path(__file__).resolve().parent])  # custom modules come from named folders only
     per, total = compute_rewards(funcs, completions, columns)
     names = [name for name, _, _ in funcs]
     for text, row, t in zip(completions, per.tolist(), total.tolist()):

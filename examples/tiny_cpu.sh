@@ -36,8 +36,8 @@ else
   EXTRA=()
 fi
 if [ "${CUSTOM_REWARD:-0}" = "1" ]; then
-  export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"  # custom reward modules are imported by name
-  EXTRA+=(--set "rewards.custom_reward:concise_think=0.5")
+  # custom reward modules are imported only from the --config file's folder or --rewards-path
+  EXTRA+=(--rewards-path "$HERE" --set "rewards.custom_reward:concise_think=0.5")
 fi
 
 echo "== 1. synthetic data: $TRAIN_N training clips, $EVAL_N held out, 64 cold-start clips"

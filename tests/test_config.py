@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import types
 import typing
 from datetime import datetime
 from pathlib import Path
@@ -161,10 +162,11 @@ def test_overrides_parse_by_field_type() -> None:
 
 def _random_value(tp: typing.Any, meta: typing.Mapping[str, typing.Any], rng: random.Random) -> typing.Any:
     optional = type(None) in typing.get_args(tp)
-    members = [m for m in typing.get_args(tp) if m is not type(None)] if optional else [tp]
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)  # `bool | Literal["offload"]`, `int | None`
+    members = [m for m in typing.get_args(tp) if m is not type(None)] if union else [tp]
     if optional and rng.random() < 0.3:
         return None
-    m = members[0]
+    m = members[0] if len(members) == 1 else rng.choice(members)
     if typing.get_origin(m) is typing.Literal:
         return rng.choice(typing.get_args(m))
     if typing.get_origin(m) is list:
@@ -201,7 +203,7 @@ def test_save_load_round_trip(tmp_path: Path, seed: int) -> None:
             video=dataclasses.replace(cfg.video, fps=1.0), coldstart=dataclasses.replace(cfg.coldstart, enabled=False),
             data=dataclasses.replace(cfg.data, synth=False), grpo=dataclasses.replace(cfg.grpo, epsilon_high=None),
             log=dataclasses.replace(cfg.log, num_completions=0),
-            model=dataclasses.replace(cfg.model, liger="auto", dtype="auto"),
+            model=dataclasses.replace(cfg.model, liger="auto", dtype="auto", backend="peft"),
         )  # fmt: skip
         cfg = apply_overrides(cfg, [])
     save_config(cfg, tmp_path / "run" / "config.toml")

@@ -17,7 +17,7 @@ from tinyr1.kernels import token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-GPU_ONLY = {"logprob-triton", "liger", "preset"}
+GPU_ONLY = {"logprob-triton", "liger", "preset", "unsloth"}
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def test_cpu_doctor_exits_0_runs_what_it_can_and_skips_gpu_checks(tmp_path: Path
     assert main(["doctor", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "bitsandbytes" in out and "CUDA build" in out  # the environment table
-    assert "on a CUDA GPU these run too: logprob-triton, liger, preset" in out
+    assert "on a CUDA GPU these run too: logprob-triton, liger, preset, unsloth" in out
     res = json.loads(out_json.read_text())
     assert res["ok"] is True and res["environment"]["GPU"].startswith("none visible")
     status = {c["name"]: c["status"] for c in res["checks"]}

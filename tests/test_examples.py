@@ -134,7 +134,7 @@ def test_gpu_check_script_parses_and_every_tinyr1_command_in_it_parses() -> None
         seen.append(args.command + (f" {args.bench_command or '--preset'}" if args.command == "bench" else ""))
         if args.command == "train":
             load_config(args.preset, args.overrides)  # every --set key exists and validates
-    assert seen == ["doctor", "bench kernels", "init-tiny", "train", "bench --preset"], seen
+    assert seen == ["doctor", "bench kernels", "init-tiny", "train", "bench --preset", "bench --preset"], seen  # + backends
 
 
 STUB_TINYR1 = """#!/usr/bin/env bash
@@ -174,9 +174,8 @@ def test_gpu_check_script_runs_every_step_within_its_budget_and_reports_each(tmp
     assert (out / "machine.txt").is_file() and "budget 23s" in (out / "machine.txt").read_text()
 
 
-def test_custom_reward_plugs_in_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    funcs = resolve_rewards({"custom_reward:concise_think": 1.0, "custom_reward:names_the_answer": 2.0})
+def test_custom_reward_plugs_in_by_name() -> None:
+    funcs = resolve_rewards({"custom_reward:concise_think": 1.0, "custom_reward:names_the_answer": 2.0}, [EXAMPLES])
     completions = [
         f"<think>{'x' * 10}</think> <answer>A</answer>",  # short: 10 / 20
         "<think>The square is red in every frame.</think> <answer>A</answer>",  # in range, names A

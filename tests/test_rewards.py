@@ -128,9 +128,8 @@ def test_custom_reward_module_imported_only_when_named(tmp_path, monkeypatch) ->
         def brevity(completions, answer, task, **kwargs):
             return [1.0 / (1 + len(c)) + (task[i] == "color") for i, c in enumerate(completions)]
     """))
-    monkeypatch.syspath_prepend(str(tmp_path))
     assert mod not in sys.modules
-    funcs = resolve_rewards({"r1": 1.0, f"{mod}:brevity": 2.0})
+    funcs = resolve_rewards({"r1": 1.0, f"{mod}:brevity": 2.0}, [tmp_path])  # from its folder only
     assert mod in sys.modules
     comps = [fmt(SHORT, "A"), "B"]
     cols = {"answer": ["A", "A"], "task": ["color", "count"], "solution": ["<answer>A</answer>"] * 2}
@@ -142,9 +141,9 @@ def test_custom_reward_module_imported_only_when_named(tmp_path, monkeypatch) ->
         assert per[i, 1].item() == pytest.approx(want_custom[i], rel=1e-6)
         assert total[i].item() == pytest.approx(1.0 * want_r1[i] + 2.0 * want_custom[i], rel=1e-6)
     with pytest.raises(RewardError, match="no callable"):
-        resolve_rewards({f"{mod}:nope": 1.0})
-    with pytest.raises(RewardError, match="cannot import"):
-        resolve_rewards({"tinyr1_no_such_module_xyz:f": 1.0})
+        resolve_rewards({f"{mod}:nope": 1.0}, [tmp_path])
+    with pytest.raises(RewardError, match=r"no tinyr1_no_such_module_xyz.py in the reward folders"):
+        resolve_rewards({"tinyr1_no_such_module_xyz:f": 1.0}, [tmp_path])
 
 
 def _bad(kind: str):

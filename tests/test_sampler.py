@@ -15,7 +15,7 @@ from tinyr1.logprobs import completion_logprobs
 from tinyr1.loss import completion_mask
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo, right_to_left_pad
 from tinyr1.model.writing import tiny_config
-from tinyr1.rollout import Rollout, sample_group
+from tinyr1.rollout import Rollout, sample_group, sample_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from sampler_v1 import sample_group_v1  # noqa: E402
@@ -191,3 +191,26 @@ def test_rollout_benchmark_runs_all_three_samplers(capsys: pytest.CaptureFixture
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| (")]
     assert [ln[:5] for ln in table] == ["| (a)", "| (b)", "| (c)"]
     assert all("MiB" in ln for ln in table)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_token_sampler_equals_the_full_vocabulary_cdf(bf16: bool) -> None:
+    """The top-k candidate CDF picks the tokens the full-vocabulary CDF picks (the sampler before
+    issue #12), also with bf16 logits, whose many exact ties at the k-th value HF keeps. (Not
+    top-p on bf16 logits: there, equal probabilities put the nucleus cut exactly on a tie, and
+    which tied token an unstable sort drops first is arbitrary in both samplers.)"""
+    from sampler_v1 import sample_tokens_v1
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2048, 3000, generator=gen) * 3
+    if bf16:
+        logits = logits.bfloat16()
+        kth = logits.float().topk(50, dim=-1).values[:, -1:]
+        assert ((logits.float() == kth).sum(-1) > 1).any(), "the test needs ties at the k-th logit"
+    u = torch.rand(2048, generator=gen)
+    cases = [(1.0, 50, 1.0), (0.7, 50, 0.9), (1.3, 5, 0.5), (1.0, 0, 0.8), (1.0, 2999, 1.0), (0.6, 20, 1.0)]
+    for temperature, top_k, top_p in [c for c in cases if not (bf16 and c[2] < 1)]:
+        got, lp = sample_tokens(logits, u, temperature=temperature, top_k=top_k, top_p=top_p)
+        want, want_lp = sample_tokens_v1(logits, u, temperature=temperature, top_k=top_k, top_p=top_p)
+        assert torch.equal(got, want), (temperature, top_k, top_p, (got != want).sum())
+        torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=0)

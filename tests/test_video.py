@@ -143,3 +143,74 @@ def test_watchdog_turns_a_hung_decoder_into_an_error(tmp_path: Path, monkeypatch
     with pytest.raises(VideoError, match=r"stuck\.mp4: decoding did not finish within"):
         decode_frames(path, 4, timeout_s=0.2)
     assert time.perf_counter() - start < 2
+
+
+# ---- issue 16, item 10: rotation in the PyAV path, decord's own stderr lines, huge frames --------
+def write_rotated_clip(path: Path, frames: np.ndarray, degrees: int) -> None:
+    """An H.264 clip whose container says "display rotated by `degrees`" (as phone videos do)."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.set_display_rotation(degrees)
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def halves(frames: int, h: int, w: int) -> np.ndarray:
+    """Red left half, blue right half: which way the picture turned is plain to see."""
+    out = np.zeros((frames, h, w, 3), dtype=np.uint8)
+    out[:, :, : w // 2] = (250, 0, 0)
+    out[:, :, w // 2 :] = (0, 0, 250)
+    return out
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_the_pyav_path_turns_frames_as_decord_does(tmp_path: Path, degrees: int) -> None:
+    """decord applies the display rotation; the PyAV path (decord's copy-bug fallback, huge frames)
+    must give the same pixels, not the stored, unrotated ones."""
+    from tinyr1.video import pyav_frames as tinyr1_pyav_frames
+
+    path = tmp_path / "rot.mp4"
+    write_rotated_clip(path, halves(4, 32, 64), degrees)
+    want = decord.VideoReader(str(path)).get_batch([0, 3]).asnumpy()
+    got = tinyr1_pyav_frames(path, np.array([0, 3]))
+    assert got.shape == want.shape and want.shape[1:3] == ((64, 32) if degrees != 180 else (32, 64))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_rotated_clip_of_a_size_decord_cannot_copy_is_turned(tmp_path: Path) -> None:
+    path = tmp_path / "rot48.mp4"
+    write_rotated_clip(path, halves(4, 48, 32), 90)  # shown 48 px wide: decord's copy bug, PyAV decodes it
+    frames, _, info = decode_frames(path, 2)
+    assert (info.width, info.height) == (48, 32)  # stored portrait, shown landscape
+    top, bottom = frames[0, 2, 24], frames[0, -3, 24]
+    assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]  # counter-clockwise: right half on top
+
+
+def test_huge_frames_are_decoded_at_reduced_resolution(tmp_path: Path) -> None:
+    """Frames above `max_pixels` (default 4K UHD; an 8K clip cost 8.4 GB of RAM per load) are
+    decoded straight to a size within the budget, aspect kept, same picture."""
+    path = tmp_path / "big.mp4"
+    src = halves(6, 96, 128)
+    write_clip(path, src)
+    frames, _, info = decode_frames(path, 3, max_pixels=64 * 48)
+    assert frames.shape == (3, 48, 64, 3) and (info.width, info.height) == (64, 48)
+    assert frames[:, :, :28, 0].min() > 200 and frames[:, :, 36:, 2].min() > 200  # red left, blue right
+    full, _, _ = decode_frames(path, 3)
+    assert full.shape == (3, 96, 128, 3)
+
+
+def test_decord_never_prints_its_own_error_lines(tmp_path: Path) -> None:
+    """A broken file is one VideoError; decord's "ERROR opening" line used to reach stderr too."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    code = (f"from tinyr1.video import decode_frames\ntry:\n    decode_frames(r'{bad}', 4)\n"
+            "except Exception as e:\n    print(type(e).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "VideoError" and "ERROR opening" not in proc.stderr, proc.stderr

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 TOP_LEVEL_KEYS = ("base", "description", "preset")  # the keys a TOML may hold outside any section
+SEED_MAX = 2**32 - 1  # torch's generators take 64 bits, and seeds are combined (seed * 100003 + epoch)
+SEED_WHY = "a 32-bit seed; torch's random generators take at most 64 bits and tinyr1 derives seeds from it"
 
 
 def _f(default: Any = None, help: str = "", *, factory: Any = None, **check: Any) -> Any:
@@ -38,8 +40,14 @@ class ModelConfig:
         "auto", "compute dtype; auto = bf16 on CUDA, fp32 on CPU"
     )
     attn_implementation: Literal["sdpa", "eager"] = _f("sdpa", "attention kernel of the LLM and vision tower")
-    gradient_checkpointing: bool = _f(
-        True, "recompute LLM activations in the backward pass (less memory, ~30% slower)"
+    backend: Literal["peft", "unsloth"] = _f(
+        "peft",
+        "how the LoRA layers compute: peft = PEFT LoRA over bitsandbytes; unsloth = unsloth's fused LoRA "
+        "kernels bound onto the Qwen2 layers (needs lora.dropout = 0; pip install 'tinyr1[unsloth]')",
+    )
+    gradient_checkpointing: bool | Literal["offload"] = _f(
+        True, "recompute LLM activations in the backward pass (less memory, ~30% slower); "
+        "offload = also keep the checkpointed layer inputs in host RAM until the backward",
     )
     train_connector: bool = _f(
         True, "also train the connector (full weights) besides the LoRA adapters, as the paper"
@@ -95,7 +103,8 @@ class DataConfig:
     )
     synth_n: int = _f(2000, "synthetic training samples", ge=1)
     synth_eval_n: int = _f(500, "synthetic held-out samples", ge=0)
-    synth_seed: int = _f(0, "seed of the synthetic data (independent of train.seed)", ge=0)
+    synth_seed: int = _f(0, "seed of the synthetic data (independent of train.seed)", ge=0, le=SEED_MAX,
+                         why=SEED_WHY)
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,7 @@ class TrainConfig:
     optimizer: Literal["paged_adamw8bit", "adamw8bit", "adamw"] = _f(
         "paged_adamw8bit", "optimizer; the 8-bit ones keep state in bitsandbytes blockwise 8-bit"
     )
-    seed: int = _f(0, "seed of sampling, noise and data order", ge=0)
+    seed: int = _f(0, "seed of sampling, noise and data order", ge=0, le=SEED_MAX, why=SEED_WHY)
     output_dir: str = _f(
         "runs/{preset}-{time}", "run folder; {preset} and {time} are filled in at start", nonempty=True
     )

@@ -83,13 +83,27 @@ def _resolve_source(source: str, relative_to: Path | None = None) -> Path:
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
+    """A TOML file's text; unreadable or non-UTF-8 files are a ConfigError naming the byte and line."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{_show_path(path)}: cannot read: {err.strerror or err}") from err
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{_show_path(path)}: not UTF-8 text (byte 0x{raw[err.start]:02x} at line {line}); TOML files must be "
+            "UTF-8: re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
+def _read_toml(path: Path, text: str | None = None) -> dict[str, Any]:
+    try:
+        return tomllib.loads(_read_text(path) if text is None else text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{_show_path(path)}: not valid TOML: {err}; fix the syntax there") from err
-    except OSError as err:
-        raise ConfigError(f"{_show_path(path)}: cannot read: {err}") from err
 
 
 def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
@@ -97,8 +111,8 @@ def _load_raw(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any],
     if path.resolve() in chain:
         loop = " -> ".join(_show_path(p) for p in (*chain, path.resolve()))
         raise ConfigError(f"{_show_path(path)}: `base` forms a loop ({loop}); remove one `base`")
-    text = path.read_text(encoding="utf-8")
-    data = _read_toml(path)
+    text = _read_text(path)
+    data = _read_toml(path, text)
     lines = _key_lines(text)
     shown = _show_path(path)
     merged: dict[str, Any] = {}

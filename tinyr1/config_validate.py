@@ -151,6 +151,9 @@ def parse_overrides(overrides: list[str], data: dict[str, Any], origins: Origins
         if section not in SECTIONS:
             problems.append(_unknown_section(section, f"--set {item}"))
             continue
+        if not text.strip():  # an empty value is a slip (an unset shell variable), never "none"
+            problems.append(f"--set {item}: no value after '='; write a value, or none to unset an optional key")
+            continue
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         if section in TABLE_FIELDS:
@@ -266,7 +269,7 @@ def _build_table_section(
 
 def _check_value(qual: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> str | None:
     literal = next((m for m in _members(tp) if typing.get_origin(m) is Literal), None)
-    if literal is not None and value is not None:
+    if literal is not None and isinstance(value, str):  # a bool beside a Literal (`bool | Literal["offload"]`) is a bool
         allowed = [str(a) for a in typing.get_args(literal)]
         if value not in allowed:
             near = _near(value, allowed)
@@ -366,6 +369,23 @@ def _liger_cpu(c: Config) -> str | None:
     if c.model.liger != "on" or c.model.device != "cpu":
         return None
     return "model.liger = 'on' with model.device = 'cpu': Liger kernels need CUDA; fix: set model.liger = 'auto' or 'off'"
+
+
+@_rule("model.backend", "lora.dropout")
+def _unsloth_dropout(c: Config) -> str | None:
+    if c.model.backend != "unsloth" or c.lora.dropout == 0:
+        return None
+    return (f"model.backend = 'unsloth' with lora.dropout = {c.lora.dropout}: the backend binds unsloth's fused "
+            "LoRA kernels, which tinyr1 runs only without LoRA dropout (as unsloth's own fast path); "
+            "fix: set lora.dropout = 0 or model.backend = 'peft'")
+
+
+@_rule("model.backend", "model.liger")
+def _unsloth_liger(c: Config) -> str | None:
+    if c.model.backend != "unsloth" or c.model.liger != "on":
+        return None
+    return ("model.liger = 'on' with model.backend = 'unsloth': unsloth fuses the MLP (SwiGLU) itself and liger's "
+            "MLP swap would replace it; fix: set model.liger = 'auto' (off under unsloth) or model.backend = 'peft'")
 
 
 @_rule("log.num_completions", "rollout.prompts_per_step", "rollout.num_generations")

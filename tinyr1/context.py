@@ -7,7 +7,8 @@ and the benchmarks get a model, optimizer and schedule, so what they measure is 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,13 @@ from tinyr1.data import Sample, load_dataset
 from tinyr1.errors import DeviceError
 from tinyr1.hf_compat import quiet_peft
 from tinyr1.kernels import apply_liger, liger_unavailable_reason, resolve_backend
-from tinyr1.model.loading import add_lora, load_tinyllava, prepare_for_training, trainable_parameters
+from tinyr1.model.loading import (
+    add_lora,
+    load_tinyllava,
+    prepare_for_training,
+    resolve_device,
+    trainable_parameters,
+)
 from tinyr1.model.tinyllava import TinyLlavaVideo
 from tinyr1.optim import make_optimizer, make_scheduler
 from tinyr1.rewards import RewardFn, resolve_rewards
@@ -42,13 +49,14 @@ class Context:
     scaler: torch.amp.GradScaler | None = None  # loss scaling when the compute dtype is fp16
 
 
-def build_context(cfg: Config, *, total_steps: int) -> Context:
-    """Model, optimizer, a schedule over `total_steps` GRPO steps, sampler RNG and rewards.
+def build_context(cfg: Config, *, total_steps: int, rewards_path: Sequence[str | os.PathLike[str]] = ()) -> Context:
+    """Model, optimizer, a schedule over `total_steps` GRPO steps, sampler RNG and rewards (custom
+    reward modules only from the `rewards_path` folders).
 
     The global torch seed is set first: LoRA's initialization (and with it the whole run) is a
     function of `train.seed`.
     """
-    reward_funcs = resolve_rewards(cfg.rewards.weights)
+    reward_funcs = resolve_rewards(cfg.rewards.weights, rewards_path)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = build_model(cfg)
     t = cfg.train
@@ -79,12 +87,21 @@ def build_model(cfg: Config) -> tuple[TinyLlavaVideo, Any]:
     if why_not is not None:  # refuse before loading any weights
         raise DeviceError(f"model.liger = \"on\": {why_not} "
                           "(or set model.liger = \"auto\" to run unfused without it)")
+    if m.backend == "unsloth":  # imported here only: importing unsloth patches torch/transformers process-wide
+        from tinyr1.backends.unsloth import check_unsloth
+
+        check_unsloth(resolve_device(m.device), m.quant)  # missing package, CPU + NF4: before any weights load
     loaded = load_tinyllava(m.path, quant=m.quant, dtype=m.dtype, device=m.device, attn_implementation=m.attn_implementation)
-    if m.liger == "on" or (m.liger == "auto" and loaded.model.device.type == "cuda"):
+    cuda = loaded.model.device.type == "cuda"
+    if m.liger == "on" or (m.liger == "auto" and cuda and m.backend == "peft"):  # unsloth fuses the MLP itself
         apply_liger(loaded.model.llm)
     with quiet_peft():
         add_lora(loaded.model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                  target_modules=cfg.lora.target_modules)
+    if m.backend == "unsloth":
+        from tinyr1.backends.unsloth import bind_unsloth
+
+        bind_unsloth(loaded.model.llm)  # `session.describe_run` reports what got fused
     prepare_for_training(loaded.model, train_connector=m.train_connector, gradient_checkpointing=m.gradient_checkpointing)
     return loaded.model, loaded.tokenizer
 

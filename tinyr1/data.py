@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +49,15 @@ class Sample:
         cols.update(question=self.question, answer=self.answer, options=self.options, video=str(self.video))
         cols.setdefault("solution", f"<answer>{self.answer}</answer>")
         return cols
+
+
+def reward_columns(samples: Sequence[Sample], repeat: int) -> dict[str, list[Any]]:
+    """The columns reward functions receive for `samples`, each row repeated `repeat` times (its G
+    completions). Every key that any row has becomes a column, None where a row lacks it: TRL's
+    contract is one aligned value per completion in every column, and optional keys differ by row."""
+    rows = [s.columns() for s in samples]
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {k: [row.get(k) for row in rows for _ in range(repeat)] for k in keys}
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,10 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise DataError(f"{path}: dataset file not found") from err
+    except IsADirectoryError as err:
+        raise DataError(f"{path}: is a folder, not a dataset file; pass the .jsonl or .json file inside it") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the dataset file ({err.strerror or err})") from err
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason}); datasets are JSON/JSONL files") from err
     if text.lstrip().startswith("["):

@@ -42,14 +42,14 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from tinyr1.errors import ConfigError, DeviceError
+from tinyr1.errors import ConfigError, DeviceError, TinyR1Error
 
 T = TypeVar("T")
 TIMEOUT_ENV = "TINYR1_DIST_TIMEOUT"  # seconds a collective may wait for a slow rank (default 30 min)
@@ -180,6 +180,29 @@ def broadcast_object(obj: T, src: int = 0) -> T:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """`fn()` run by rank 0 alone (the run folder's checks and files), its result handed to every
+    rank. When it raises, every rank raises: a TinyR1Error as itself (the same message everywhere),
+    anything else as a RuntimeError naming it on the other ranks, so none waits for a dead rank 0."""
+    if not active():
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as err:  # re-raised below, on every rank
+            error = err
+    shared = error if error is None or isinstance(error, TinyR1Error) else \
+        RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+    box = [result, shared]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise box[1]
     return box[0]
 
 

@@ -415,6 +415,73 @@ def check_preset(probe: Probe) -> Check:
     return Check("preset", "PASS", f"--preset auto picks {name} on {card}: {chosen}")
 
 
+def check_unsloth(probe: Probe) -> Check:
+    """model.backend = "unsloth" on this GPU: unsloth's NF4 dequantization against bitsandbytes', then
+    one NF4 decoder layer of a tiny model with the fused kernels bound, forward and LoRA gradients,
+    against the same layer on the PEFT path. Last among the checks: importing unsloth patches
+    torch/transformers for the rest of the process."""
+    _needs_cuda(probe, "on a CPU unsloth's Triton kernels run only interpreted; the tests cover that")
+    from tinyr1.backends.unsloth import (
+        INSTALL_HINT,
+        bind_unsloth,
+        bound_layers,
+        check_unsloth,
+        unsloth_version,
+    )
+
+    if unsloth_version() is None:
+        raise Skipped(f"unsloth is not installed (optional, for model.backend = 'unsloth'): {INSTALL_HINT}")
+    version = check_unsloth(probe.device, "nf4")  # raises with the reason when its NF4 path fails here
+    import copy
+
+    from tinyr1.logprobs import _additive_mask, prefix_mask
+    from tinyr1.model.loading import add_lora, prepare_for_training
+    from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+    from tinyr1.model.writing import tiny_config
+
+    dtype = _compute_dtype(probe.device)
+    torch.manual_seed(0)
+    peft = TinyLlavaVideo(TinyLlavaConfig.from_dict(tiny_config(40, 3, frames=4))).to(dtype)
+    peft.requires_grad_(False)
+    quantize_llm_nf4(peft.llm, compute_dtype=dtype, device=probe.device)
+    peft.to(probe.device)
+    add_lora(peft, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fused = copy.deepcopy(peft)
+    bind_unsloth(fused.llm)
+    bound = bound_layers(fused.llm)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 9, peft.llm.config.hidden_size, generator=gen)
+    pos = torch.arange(9)[None].expand(2, 9).to(probe.device)
+    mask = _additive_mask(prefix_mask(torch.ones(2, 9, dtype=torch.bool, device=probe.device)), dtype)
+    results = []
+    for model in (peft, fused):
+        prepare_for_training(model, train_connector=False, gradient_checkpointing=False)
+        x = x0.to(probe.device, dtype).requires_grad_(True)
+        layer = model.llm.model.layers[0]
+        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.llm.model.rotary_emb(x, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        out.float().square().mean().backward()
+        results.append((out.detach(), {k: p.grad for k, p in trainable_parameters(model).items() if p.grad is not None}))
+    out_err = _rel(results[1][0], results[0][0])
+    grad_err = max(_rel(results[1][1][k], results[0][1][k]) for k in results[0][1])
+    tol_out, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    problems = []
+    if not out_err <= tol_out:
+        problems.append(f"layer output off by {out_err:.1e} (tolerance {tol_out:.0e})")
+    if not grad_err <= tol_grad:
+        problems.append(f"LoRA gradients off by {grad_err:.1e} (tolerance {tol_grad:.0e})")
+    detail = (f"unsloth {version}: kernels active on {bound['layers']} of {peft.llm.config.num_hidden_layers} layers "
+              f"(q/k/v {bound['qkv']}, o {bound['o']}, MLP {bound['mlp']}); NF4 {str(dtype).removeprefix('torch.')} "
+              f"layer vs PEFT: output {out_err:.1e}, worst LoRA gradient {grad_err:.1e}")
+    status, detail = _verdict(problems, detail)
+    return Check("unsloth", status, detail)
+
+
 CHECKS: tuple[tuple[str, Callable[[Probe], Check], str], ...] = (
     ("nf4", check_nf4, "bitsandbytes NF4 matmul (1 and 8 rows) and its input gradient vs dequantized weights"),
     ("logprob-triton", check_logprob_triton, "compiled Triton log-prob kernels, forward and backward, vs torch"),
@@ -423,6 +490,7 @@ CHECKS: tuple[tuple[str, Callable[[Probe], Check], str], ...] = (
     ("grpo", check_grpo, "2 GRPO steps of a tiny random model on this device (NF4, LoRA, connector, KL)"),
     ("memory", check_memory, "a measured GRPO step beside the planner's estimate for its shapes"),
     ("preset", check_preset, "the largest GPU preset the planner fits on this card"),
+    ("unsloth", check_unsloth, "model.backend = unsloth: fused NF4 LoRA layer vs PEFT (last: the import patches)"),
 )
 CHECK_NAMES = tuple(name for name, _, _ in CHECKS)
 
@@ -494,9 +562,23 @@ def environment() -> list[tuple[str, str]]:
     else:
         rows.append(("GPU", "none visible (torch.cuda.is_available() is False): GPU checks SKIP"))
     rows += [(name, package_version(name)) for name in PACKAGES]
+    rows.append(("unsloth", _unsloth_row()))
     if os.environ.get("TRITON_INTERPRET") == "1":
         rows.append(("TRITON_INTERPRET", "1: Triton kernels are interpreted (fine for tests on a CPU, not for training)"))
     return rows
+
+
+def _unsloth_row() -> str:
+    """unsloth's version and whether its kernels are active in this process, without importing it."""
+    from tinyr1.backends.unsloth import UNSLOTH_VERSION, unsloth_version
+
+    version = unsloth_version()
+    if version is None:
+        return "not installed (optional: model.backend = 'unsloth', pip install 'tinyr1[unsloth]')"
+    pinned = "" if version == UNSLOTH_VERSION else f", tinyr1 is tested with {UNSLOTH_VERSION}"
+    active = "imported in this process" if "unsloth" in sys.modules else "not imported yet"
+    return (f"{version} (unsloth_zoo {package_version('unsloth_zoo')}{pinned}); kernels {active}: "
+            "the 'unsloth' check binds them on a GPU")
 
 
 def summary(results: Sequence[Check]) -> str:

@@ -31,3 +31,7 @@ class RewardError(TinyR1Error):
 
 class DeviceError(TinyR1Error):
     """The requested device is unavailable (e.g. a GPU preset on a machine without CUDA)."""
+
+
+class DiskError(TinyR1Error):
+    """A disk is full, read-only or not writable where tinyr1 has to write."""

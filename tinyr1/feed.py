@@ -44,6 +44,7 @@ class SampleFeeder:
         st = state or TrainState()
         self.epoch, self.position, self.seen = st.epoch, st.position, st.seen
         self.bad = list(st.bad_videos)
+        self.run_id = st.run_id
         self._order = self._permutation(self.epoch)
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -51,7 +52,8 @@ class SampleFeeder:
         return torch.randperm(len(self.samples), generator=gen).tolist()
 
     def state(self) -> TrainState:
-        return TrainState(epoch=self.epoch, position=self.position, seen=self.seen, bad_videos=list(self.bad))
+        return TrainState(epoch=self.epoch, position=self.position, seen=self.seen, bad_videos=list(self.bad),
+                          run_id=self.run_id)
 
     def next_batch(self, n: int) -> list[tuple[Any, torch.Tensor]]:
         """The next n readable samples of the global order with their frames; under torchrun, this
@@ -65,7 +67,7 @@ class SampleFeeder:
             try:
                 out.append((sample, self.load_frames(sample)))
             except VideoError as err:
-                self._skip(f"{sample.video}: {err}")
+                self._skip(str(err))  # a VideoError starts with the video's path
         return out
 
     def _draw(self) -> Any:

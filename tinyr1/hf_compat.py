@@ -34,6 +34,14 @@ def cache_layer_kv(cache: Any, layers: int) -> list[tuple[Any, Any]]:
     return [(cache.key_cache[i], cache.value_cache[i]) for i in range(layers)]
 
 
+def update_cache(cache: Any, key: Any, value: Any, layer_idx: int, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Append one attention layer's K/V to `cache` as that version's Qwen2 attention does: 5.2x hands
+    the attention keyword arguments along (static caches read them), 5.17 does not."""
+    if CACHE_KW == "cache":
+        return cache.update(key, value, layer_idx, kwargs=kwargs)
+    return cache.update(key, value, layer_idx)
+
+
 def siglip_core(config: Any) -> nn.Module:
     """The SigLIP transformer itself: older versions nest it as `SiglipVisionModel.vision_model`,
     newer ones flatten it into the model. The original checkpoint keys expect the nested module."""

@@ -7,7 +7,9 @@ Everything a run reports lands as JSON lines in the run directory, readable with
 
 Steps are 0-based indices: `log_step(i, ...)` reports the i-th optimizer step, and a run resumed
 with `start_step=k` (k steps already done) drops every line with `step >= k` so that nothing is
-duplicated. Non-finite values are written as JSON `null` (standard JSON; jq and pandas read it)
+duplicated. eval.jsonl counts steps done instead (`log_eval(k, ...)` evaluates the model after k
+steps, the state checkpoint k holds), so a resume from checkpoint k keeps its rows up to k
+(`keep_eval_at_start`). Non-finite values are written as JSON `null` (standard JSON; jq and pandas read it)
 and read back as NaN.
 
 The live line reads these keys when present (others are only written): `reward`, `accuracy` or
@@ -246,6 +248,7 @@ class RunLogger:
         console: Console | None = None,
         start_step: int = 0,
         enabled_progress: bool = True,
+        keep_eval_at_start: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
@@ -254,8 +257,9 @@ class RunLogger:
         self.console = console if console is not None else Console()
         self.start_step = start_step
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS_FILE, COMPLETIONS_FILE, EVAL_FILE):
+        for name in (METRICS_FILE, COMPLETIONS_FILE):
             _truncate_jsonl(self.run_dir / name, start_step)
+        _truncate_jsonl(self.run_dir / EVAL_FILE, start_step + 1 if keep_eval_at_start else start_step)
         self._metrics_f = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._durations: list[float] = []
         self._last_time = time.monotonic()

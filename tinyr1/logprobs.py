@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from transformers import DynamicCache
 
 from tinyr1.hf_compat import CACHE_KW, layer_checkpointing_off
 from tinyr1.kernels import token_logprobs
 from tinyr1.model.tinyllava import TinyLlavaVideo, right_to_left_pad
+from tinyr1.offload import layer_checkpoint
 from tinyr1.rollout import Rollout
 
 
@@ -90,7 +90,7 @@ def shared_prefix_hidden(
     repeated to the rows, and the completions run against them. The state predicting token 0 is the
     prompt's last position; token j >= 1 is predicted by completion position j - 1. Layers that HF
     would checkpoint are checkpointed here (prefix + suffix together), so memory follows
-    `gradient_checkpointing`.
+    `gradient_checkpointing` (`"offload"`: the checkpointed inputs wait in host RAM, `tinyr1.offload`).
     """
     llm = model.llm
     n, length = completion_ids.shape
@@ -114,7 +114,7 @@ def shared_prefix_hidden(
     for layer in llm.model.layers[: llm.config.num_hidden_layers]:
         args = (layer, hp, hs, rows, llm.config, prefix_kw, suffix_kw)
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            hp, hs = torch.utils.checkpoint.checkpoint(_prefix_then_suffix, *args, use_reentrant=False)
+            hp, hs = layer_checkpoint(layer)(_prefix_then_suffix, *args)
         else:
             hp, hs = _prefix_then_suffix(*args)
     first = hp[:, -1:][rows]  # [n, 1, D] the prompt's last position predicts token 0

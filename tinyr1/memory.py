@@ -36,7 +36,7 @@ from tinyr1.memory_arch import (
     lora_params,
     vision_params,
 )
-from tinyr1.memory_phases import rollout_moments, update_moments
+from tinyr1.memory_phases import offloaded_bytes, rollout_moments, update_moments
 
 GiB = 1024**3
 PRESET_BUDGET = 0.75  # a GPU preset needs at most this share of its card: headroom until GPU-measured
@@ -47,7 +47,7 @@ class Line:
     """One component: bytes at each phase's peak (None = not present in that phase)."""
 
     name: str
-    kind: Literal["weights", "state", "kept", "activation", "overhead"]
+    kind: Literal["weights", "state", "kept", "activation", "overhead", "host"]  # host: RAM, not the GPU
     rollout: int | None
     update: int | None
     note: str = ""
@@ -157,6 +157,9 @@ def estimate(arch: Arch, run: RunShape) -> Estimate:
             lines.append(Line(name, kind, r, u, note))  # type: ignore[arg-type]
     all_moments = {f"rollout: {k}": sum(v[1] for v in m.values()) for k, m in r_moments.items()}
     all_moments.update({f"update: {k}": sum(v[1] for v in m.values()) for k, m in u_moments.items()})
+    if run.grad_checkpointing == "offload":
+        lines.append(Line("offloaded checkpoints (host RAM)", "host", None, offloaded_bytes(arch, run),
+                          "pinned host memory, not on the GPU"))
     est = Estimate(lines, r_name, u_name, all_moments)
     if run.device == "cuda":
         frag_r = int(FRAGMENTATION * est.phase_total("rollout"))

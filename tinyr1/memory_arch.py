@@ -100,7 +100,8 @@ class RunShape:
     quant: Literal["nf4", "none"] = "nf4"
     beta: float = 0.0
     num_iterations: int = 1
-    grad_checkpointing: bool = True
+    grad_checkpointing: bool | Literal["offload"] = True  # offload: checkpointed inputs in host RAM
+    backend: Literal["peft", "unsloth"] = "peft"  # unsloth: fused LoRA autograd functions (memory_phases)
     train_connector: bool = True
     optimizer: Literal["paged_adamw8bit", "adamw8bit", "adamw"] = "paged_adamw8bit"
     device: Literal["cuda", "cpu"] = "cuda"
@@ -109,6 +110,7 @@ class RunShape:
     attn: Literal["sdpa", "eager"] = "sdpa"
     top_k: int = 50
     top_p: float = 1.0
+    temperature: float = 1.0
 
     @property
     def c(self) -> int:
@@ -133,7 +135,9 @@ class RunShape:
                    quant=m.quant, beta=cfg.grpo.beta, num_iterations=cfg.grpo.num_iterations,
                    grad_checkpointing=m.gradient_checkpointing, train_connector=m.train_connector,
                    optimizer=cfg.train.optimizer, device="cuda" if cuda else "cpu", logprob_backend=backend,
-                   liger=cuda and m.liger != "off", attn=m.attn_implementation, top_k=ro.top_k, top_p=ro.top_p)
+                   liger=cuda and (m.liger == "on" or (m.liger == "auto" and m.backend == "peft")),
+                   backend=m.backend, attn=m.attn_implementation, top_k=ro.top_k, top_p=ro.top_p,
+                   temperature=ro.temperature)
 
 
 # ---------------------------------------------------------------- parameter counts

@@ -37,8 +37,21 @@ def _lora(run: RunShape, din: int, target: str) -> tuple[float, bool]:
     return saved, True
 
 
+def _fused(run: RunShape, group: str) -> bool:
+    """Whether the unsloth backend runs this group (qkv, o, mlp) as one fused autograd function:
+    it binds a group only when all of its projections carry LoRA (`tinyr1.backends.unsloth`)."""
+    names = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "mlp": ("gate_proj", "up_proj", "down_proj")}
+    return run.backend == "unsloth" and all(t in run.lora_targets for t in names[group])
+
+
 def layer_ops(arch: Arch, run: RunShape, *, expand_kv: bool, seq: int) -> list[Op]:
-    """One Qwen2 decoder layer with grad, in forward order. `seq`: sequence length (eager scores)."""
+    """One Qwen2 decoder layer with grad, in forward order. `seq`: sequence length (eager scores).
+
+    With the unsloth backend the fused groups follow unsloth's autograd functions instead: LoRA_QKV
+    saves only its input X (LoRA weights are cast to X's dtype, no fp32 input copies) and writes dX
+    into X in the backward; LoRA_W (o_proj) saves the attention output, which attention keeps
+    anyway; LoRA_MLP saves X, gate(X) and up(X) and recomputes SwiGLU in the backward, where
+    one [tokens, ffn] buffer is new (the rest is written in place)."""
     c, a, d, kv, f, h = run.c, ADAPTER, arch.hidden, arch.kv_dim, arch.ffn, arch.heads
     cast, p, liger = c != a, run.lora_dropout > 0, run.liger
     g = d * c  # the residual-stream gradient, held across the whole layer backward
@@ -59,15 +72,22 @@ def layer_ops(arch: Arch, run: RunShape, *, expand_kv: bool, seq: int) -> list[O
     dn_s, dn_keep = _lora(run, f, "down_proj")
     dn_adapted = "down_proj" in run.lora_targets
     dn_bwd = f * max(a + (a if p else (c if cast else 0)), 2 * c) if dn_adapted else f * c
-    return [
-        Op("input norm", norm, g + d * c + (2 * d * c if liger else 8.0 * d)),
-        Op("q/k/v", qkv_saves, g + (d + 2 * kv) * c + d * (a + c)),
-        Op("attention", attn, g + 2 * d * c + 2 * k_w * c + (h * seq * 4 if run.attn == "eager" else 0)),
-        Op("o_proj", o_saves, g + d * c + d * a),
-        Op("post norm", norm2, g + d * c + (2 * d * c if liger else 8.0 * d)),
+    qkv_op = (Op("q/k/v (fused)", d * c, g + (d + 2 * kv) * c) if _fused(run, "qkv")
+              else Op("q/k/v", qkv_saves, g + (d + 2 * kv) * c + d * (a + c)))
+    o_op = (Op("o_proj (fused)", d * c if run.attn == "eager" else 0, g + d * c) if _fused(run, "o")
+            else Op("o_proj", o_saves, g + d * c + d * a))
+    mlp_ops = ([Op("MLP (fused)", d * c + 2 * f * c, g + f * c)] if _fused(run, "mlp") else [
         Op("gate/up", gu_saves, g + 2 * f * c + d * (a + c)),
         Op("act", act, g + (f * c if liger else 3 * f * c)),
         Op("down", dn_s + (f * c if dn_keep else 0), g + dn_bwd),
+    ])
+    return [
+        Op("input norm", norm, g + d * c + (2 * d * c if liger else 8.0 * d)),
+        qkv_op,
+        Op("attention", attn, g + 2 * d * c + 2 * k_w * c + (h * seq * 4 if run.attn == "eager" else 0)),
+        o_op,
+        Op("post norm", norm2, g + d * c + (2 * d * c if liger else 8.0 * d)),
+        *mlp_ops,
     ]
 
 
@@ -96,6 +116,8 @@ def nograd_layer_peak(arch: Arch, run: RunShape, seq: int) -> float:
     c, a, d, f = run.c, ADAPTER, arch.hidden, arch.ffn
     up = f * 2 * a if "up_proj" in run.lora_targets else 0  # LoRA branch result, promoted to fp32
     mlp = 2 * d * c + f * (2 * c) + up
+    if _fused(run, "mlp"):  # unsloth: gate, up and silu(gate) * up alive together, LoRA in the compute dtype
+        mlp = 2 * d * c + 3 * f * c
     attn = 2 * d * c + 3 * (d + 2 * arch.kv_dim) * c
     if run.attn == "eager":
         attn += arch.heads * seq * (4 + 2 * c)
@@ -143,12 +165,13 @@ def kv_bytes(arch: Arch, run: RunShape, rows: int, seq: int) -> int:
 
 
 def sampling_bytes(arch: Arch, run: RunShape, rows: int) -> int:
-    """Per decode step: logits, fp32 copy, /T, top-k/top-p filtering, probs, cdf, log-softmax ([rows, V])."""
+    """Per decode step ([rows, V] each): logits, their fp32 copy, /T (none at T = 1), then top-k/top-p
+    filtering and the probabilities, or the probabilities and the CDF (`rollout.sample_tokens`)."""
     c = run.c
-    base = c + (4 if c != 4 else 0) + 4
+    base = c + (4 if c != 4 else 0) + (4 if run.temperature != 1.0 else 0)
     topk = 4 if 0 < run.top_k < arch.vocab else 0
     filt = base + topk + (22 if run.top_p < 1 else 4)
-    end = base + 12  # the filtered copy is gone by then
+    end = base + 8  # probabilities + CDF; the filtered copy is gone by then
     return rows * arch.vocab * max(filt, end)
 
 
@@ -229,13 +252,16 @@ def update_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     masks = (k * s_p * s_p + mb * ls * (s_p + ls)) * c  # additive prompt / completion masks
     shared = 2 * tokens * arch.head_dim * c + masks  # cos/sin + masks
     per_layer = (tokens * layer_saved(ops, arch, run) + kv_rows) if not run.grad_checkpointing else tokens * d * c
+    offload = run.grad_checkpointing == "offload"  # the checkpoints wait in host RAM: offloaded_bytes()
     lp_saved, lp_fwd, lp_bwd = logprob_terms(arch, run, n)
     norm_saved = (n * d * 4 if (c != 4 and not run.liger) else 0) + n * d * c  # the [n, L, D] cat + fp32 norm input
     ckpt = "layer inputs (checkpoints)" if run.grad_checkpointing else "layer activations (no checkpointing)"
+    if offload:
+        ckpt = "layer inputs (on their way to host RAM)"
     where = f"{k} x {s_p} prompt + {mb} x {ls} completion positions"
     fwd: Moment = {**base,
         "connector activations": ("activation", conn, f"{k} video(s) with grad") if conn else ("activation", 0, ""),
-        ckpt: ("activation", int(per_layer * arch.layers + tokens * d * c), where),
+        ckpt: ("activation", int(per_layer * (2 if offload else arch.layers) + tokens * d * c), where),
         "rotary tables / masks": ("activation", int(shared), ""),
         "final norm + hidden states": ("activation", norm_saved + n * d * c, f"{n} completion positions"),
         "log-prob saved + tiles": ("activation", lp_saved + lp_fwd, run.logprob_backend)}
@@ -243,7 +269,7 @@ def update_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
     if run.grad_checkpointing:
         layer = tokens * layer_backward_peak(ops, arch, run) + 2 * kv_rows  # + the repeated K/V's gradient
         back: Moment = {**base, "connector activations": fwd["connector activations"],
-            ckpt: ("activation", tokens * d * c * arch.layers, where),
+            ckpt: ("activation", tokens * d * c * (1 if offload else arch.layers), where),
             "rotary tables / masks": fwd["rotary tables / masks"],
             "checkpointed layer recompute + backward": ("activation", int(layer), "largest transient")}
     else:
@@ -262,3 +288,12 @@ def update_moments(arch: Arch, run: RunShape) -> dict[str, Moment]:
             "reference forward transient": ("activation", int(2 * tokens * d * c + layer_nograd + ref_fwd + n * d * c),
                                             "no grad, adapters off")}
     return out
+
+
+def offloaded_bytes(arch: Arch, run: RunShape) -> int:
+    """Host RAM (pinned) for the checkpointed layer inputs of one update micro-batch when
+    `gradient_checkpointing = "offload"`: every layer's prompt and completion inputs (else 0)."""
+    if run.grad_checkpointing != "offload":
+        return 0
+    k, s_p, mb, ls = update_shapes(arch, run)
+    return (k * s_p + mb * ls) * arch.hidden * run.c * arch.layers

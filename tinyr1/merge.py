@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from safetensors import safe_open
 
 from tinyr1.errors import CheckpointError
 from tinyr1.hf_compat import quiet_peft
+from tinyr1.model.adapter_check import AdapterInfo
+from tinyr1.model.adapter_check import check_adapter as check_lora_adapter
 from tinyr1.model.loading import (
     DTYPES,
     LLM_PREFIX,
@@ -34,6 +35,7 @@ from tinyr1.model.loading import (
 )
 from tinyr1.model.tinyllava import TinyLlavaVideo
 from tinyr1.model.writing import write_checkpoint
+from tinyr1.storage import check_writable, disk_error
 
 try:
     import tomllib
@@ -48,23 +50,6 @@ WHY_NOT_4BIT = (
     "PEFT #2586). tinyr1 merges into the unquantized base instead: pass the original bf16/fp32 checkpoint "
     "with --dtype bf16, fp16 or fp32 (quantize the merged model afterwards if you need 4-bit inference)"
 )
-LORA_SUFFIXES = {
-    ".lora_A.weight": "in", ".lora_B.weight": "out",
-    ".lora_embedding_A": "emb_in", ".lora_embedding_B": "emb_out",
-}
-PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What `check_adapter` learned about an adapter folder."""
-
-    path: Path
-    config: dict[str, Any]  # adapter_config.json
-    modules: list[str]  # LLM module paths the adapter changes ("model.layers.0.self_attn.q_proj")
-    has_connector: bool
-
-
 # ---- refusals ----------------------------------------------------------------------------------
 def refuse_quantized_dtype(dtype: str) -> None:
     """A 4/8-bit merge target is refused with the reason; bf16/fp16/fp32/auto pass."""
@@ -104,63 +89,16 @@ def refuse_quantized_model(model: TinyLlavaVideo) -> None:
 
 
 # ---- adapter checks ----------------------------------------------------------------------------
-def _lora_module(key: str) -> tuple[str, str] | None:
-    """PEFT key -> (LLM module path, kind) for LoRA A/B tensors; None for other tensors."""
-    body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    for suffix, kind in LORA_SUFFIXES.items():
-        if body.endswith(suffix):
-            return body[: -len(suffix)], kind
-    return None
+CONNECTOR_PREFIX = "connector._connector."
 
 
 def check_adapter(adapter_dir: str | os.PathLike[str], base_shapes: dict[str, tuple[int, ...]],
                   base_dir: Path) -> AdapterInfo:
-    """Refuse an adapter that does not fit the base: target modules absent, or shapes that differ."""
-    adir = Path(adapter_dir)
-    cfg_file, weights = adir / "adapter_config.json", adir / "adapter_model.safetensors"
-    if not cfg_file.is_file() or not weights.is_file():
-        raise CheckpointError(
-            f"{adir} is not a LoRA adapter folder (needs adapter_config.json and adapter_model.safetensors); "
-            "pass RUN/final or RUN/checkpoints/step-N/adapter written by `tinyr1 train`"
-        )
-    config = json.loads(cfg_file.read_text())
-    llm_shapes = {k[len(LLM_PREFIX):]: v for k, v in base_shapes.items() if k.startswith(LLM_PREFIX)}
-    targets = config.get("target_modules") or []
-    if isinstance(targets, list):
-        absent = [t for t in targets
-                  if not any(k == f"{t}.weight" or k.endswith(f".{t}.weight") for k in llm_shapes)]
-        if absent:
-            raise CheckpointError(
-                f"adapter {adir} targets module(s) {absent} that the base {base_dir} does not have: "
-                "it was trained on a different architecture; merge it into the base it was trained on"
-            )
-    problems: list[str] = []
-    modules: set[str] = set()
-    with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118
-            found = _lora_module(key)
-            if found is None:
-                continue
-            module, kind = found
-            modules.add(module)
-            base = llm_shapes.get(module + ".weight")
-            shape = tuple(fh.get_slice(key).get_shape())
-            if base is None:
-                problems.append(f"{key}: the base has no {LLM_PREFIX}{module}.weight")
-                continue
-            want = {"in": base[-1], "out": base[0], "emb_in": base[0], "emb_out": base[-1]}[kind]
-            got = shape[1] if kind in ("in", "emb_in") else shape[0]
-            if got != want:
-                problems.append(f"{key} has shape {list(shape)} but {LLM_PREFIX}{module}.weight is {list(base)}")
-    if problems:
-        shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CheckpointError(
-            f"adapter {adir} does not match the base {base_dir}:\n  {shown}\n"
-            "merge it into the checkpoint it was trained on (see base_model_name_or_path in adapter_config.json)"
-        )
-    if not modules:
-        raise CheckpointError(f"{adir}/adapter_model.safetensors holds no LoRA tensors; nothing to merge")
-    return AdapterInfo(adir, config, sorted(modules), (adir / "connector.safetensors").is_file())
+    """Refuse an adapter that does not fit the base (the check `eval` and `generate` make too),
+    from the base files' headers, before anything is loaded."""
+    llm = {k[len(LLM_PREFIX):]: v for k, v in base_shapes.items() if k.startswith(LLM_PREFIX)}
+    connector = {k[len(CONNECTOR_PREFIX):]: v for k, v in base_shapes.items() if k.startswith(CONNECTOR_PREFIX)}
+    return check_lora_adapter(adapter_dir, llm, f"the base {base_dir}", connector or None)
 
 
 # ---- merging -----------------------------------------------------------------------------------
@@ -217,6 +155,7 @@ def merge_adapter(
     for other, what in ((base_dir, "the base"), (Path(adapter), "the adapter")):
         if out_dir.resolve() == other.resolve() or other.resolve().is_relative_to(out_dir.resolve()):
             raise CheckpointError(f"--out {out_dir} would overwrite {what} ({other}); choose another folder")
+    check_writable(out_dir.parent, "--out folder")  # before loading and merging
     raw = read_config(base_dir).raw
     shapes = base_tensor_shapes(base_dir)
     refuse_quantized_base(base_dir, raw, shapes)
@@ -239,6 +178,13 @@ def merge_adapter(
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    except (OSError, RuntimeError) as err:
+        need = sum(v.numel() * DTYPES[dtype].itemsize for v in state.values())
+        named = disk_error(err, out_dir.parent, need_bytes=need, what=f"writing the merged model {out_dir}",
+                           kept="nothing was written there")
+        if named is None:
+            raise
+        raise named from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

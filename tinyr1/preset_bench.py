@@ -293,6 +293,67 @@ def run_preset_bench(
     return result
 
 
+BACKENDS = ("peft", "unsloth")
+
+
+def run_backend_comparison(preset: str, backends: list[str], *, overrides: list[str] | None = None,
+                           checkpoint_dir: str | Path | None = None, on_status: Any = None,
+                           **kwargs: Any) -> list[BenchResult]:
+    """`run_preset_bench` once per backend on the same random checkpoint, seed and shapes.
+
+    peft runs first: importing unsloth patches torch/transformers for the rest of the process, so
+    a peft run after it would not measure plain peft. When unsloth is among them and the preset has
+    LoRA dropout, every backend runs with lora.dropout = 0 (unsloth's fused path has none), so
+    the comparison is like for like (a note says so)."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"--backends: unknown {unknown or 'empty list'}; choose from {', '.join(BACKENDS)}")
+    say = on_status or (lambda _msg: None)
+    sets, notes = list(overrides or []), []
+    if "unsloth" in backends and load_config(preset, sets).lora.dropout != 0:
+        sets.append("lora.dropout=0")
+        notes.append("lora.dropout = 0 for every backend (unsloth's fused kernels run without dropout)")
+    order = sorted(dict.fromkeys(backends), key=lambda b: b != "peft")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tinyr1-bench-") as tmp:
+        shared = Path(checkpoint_dir) if checkpoint_dir else Path(tmp) / "model"  # written once, reused
+        for backend in order:
+            say(f"backend {backend}")
+            res = run_preset_bench(preset, overrides=[*sets, f"model.backend={backend}"], checkpoint_dir=shared,
+                                   on_status=on_status, **kwargs)
+            res.notes += notes
+            results.append(res)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return results
+
+
+def print_comparison(results: list[BenchResult], console: Any) -> None:
+    """The backends side by side: seconds per phase, measured peaks and the planner's estimates."""
+    first = results[0]
+    s = first.shape
+    title = (f"bench {first.preset} on {first.machine}, backends side by side: B={s['prompts']} x G={s['group_size']}, "
+             f"{s['frames']} frames, {s['max_new_tokens']} new tokens, micro-batch {s['micro_batch']}, "
+             f"{s['quant']}/{s['dtype']}; mean of {len(first.rollout_s)} steps after 1 warm-up each")
+    table = Table(title=title, title_justify="left")
+    for col in ("backend", "rollout s", "update s", "step s", "new tokens / s", "rollout peak", "update peak",
+                "planned update", "update / peft"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    base = next((r for r in results if r.shape.get("backend") == "peft"), None)
+    for r in results:
+        ratio = f"{r.mean('update') / base.mean('update'):.2f}x time, " \
+                f"{r.measured['update'] / base.measured['update']:.2f}x memory" if base is not None else "-"
+        table.add_row(str(r.shape.get("backend")), f"{r.mean('rollout'):.3f}", f"{r.mean('update'):.3f}",
+                      f"{r.mean('step'):.3f}", f"{r.mean_new_tokens / r.mean('step'):.1f}",
+                      _gib(r.measured["rollout"]), _gib(r.measured["update"]), _gib(r.estimate["update"]), ratio)
+    console.print(table)
+    if first.scale:
+        console.print(f"reduced scale: {first.scale}")
+    console.print(f"memory: {first.memory_method}")
+    for note in dict.fromkeys(n for r in results for n in r.notes):
+        console.print(f"note: {note}")
+
+
 def bench_context(cfg: Config, data_dir: Path, seed: int, allow_eos: bool) -> tuple[Context, SampleFeeder]:
     """The run's Context (built as `train` builds it, seeded with `seed`) and a SampleFeeder over
     synthetic clips at the run's shapes; without `allow_eos` the EOS never comes (the planner's worst case)."""

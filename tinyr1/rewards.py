@@ -10,8 +10,8 @@ completion's tags are read (and why the reward reads `<answer>` differently from
 
 from __future__ import annotations
 
-import importlib
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +21,7 @@ import torch
 from tinyr1.answers import answer_letter, reward_answer, think_text
 from tinyr1.errors import RewardError
 from tinyr1.prompts import THINK_TAGS
+from tinyr1.reward_modules import import_reward
 
 RewardFn = Callable[..., list[float]]
 
@@ -168,25 +169,10 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-def _import_reward(name: str) -> RewardFn:
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise RewardError(f"reward {name!r}: custom rewards are written 'module:function', e.g. 'my_rewards:brevity'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RewardError(
-            f"reward {name!r}: cannot import module {module_name!r} ({err}); put it on PYTHONPATH "
-            f"or run from its folder"
-        ) from err
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise RewardError(f"reward {name!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
-
-
-def resolve_rewards(weights: dict[str, float]) -> list[tuple[str, float, RewardFn]]:
-    """`{name: weight}` -> `[(name, weight, fn)]`; a "module:function" name is imported only here."""
+def resolve_rewards(weights: dict[str, float],
+                    search: Sequence[str | os.PathLike[str]] = ()) -> list[tuple[str, float, RewardFn]]:
+    """`{name: weight}` -> `[(name, weight, fn)]`; a "module:function" name is imported only here,
+    and only from its file in the `search` folders (`tinyr1.reward_modules`)."""
     if not weights:
         raise RewardError(f"[rewards] is empty: name at least one reward, e.g. r1 = 1.0 (built-ins: {', '.join(REWARDS)})")
     out = []
@@ -196,7 +182,7 @@ def resolve_rewards(weights: dict[str, float]) -> list[tuple[str, float, RewardF
         if name in REWARDS:
             fn = REWARDS[name]
         elif ":" in name:
-            fn = _import_reward(name)
+            fn = import_reward(name, search)
         else:
             raise RewardError(
                 f"unknown reward {name!r}; built-in rewards: {', '.join(sorted(REWARDS))}, "

@@ -72,20 +72,32 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from logits [N, V] with uniforms u [N]; return (ids [N], logp [N]).
 
+    Inverse CDF in vocabulary order over the filtered probabilities (HF order: top-k, then top-p);
     logp is under the unfiltered softmax(logits / T) — what the update recomputes. T = 0 is greedy
-    (logp then under T = 1).
+    (logp then under T = 1). With top-k the CDF runs over the candidates only (the top 2k logits,
+    so ties at the k-th value are kept as HF keeps them, up to k of them), in vocabulary order:
+    the same tokens as a CDF over all V columns, without its [N, V] softmax, cumsum and masks.
     """
     logits = logits.float()
     if temperature <= 0:
         tok = logits.argmax(-1)
-        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
-    scaled = logits / temperature  # [N, V]
-    probs = filter_logits(scaled, top_k, top_p).softmax(-1)  # [N, V]
-    cdf = probs.cumsum(-1)  # [N, V]
+        return tok, logits.gather(1, tok[:, None])[:, 0] - logits.logsumexp(-1)
+    scaled = logits if temperature == 1.0 else logits / temperature  # [N, V]
+    lse = scaled.logsumexp(-1)  # [N]
+    vocab = scaled.shape[-1]
+    if 0 < top_k < vocab:
+        vals, ids = scaled.topk(min(2 * top_k, vocab), dim=-1)  # [N, C] descending
+        vals = vals.masked_fill(vals < vals[:, top_k - 1 : top_k], float("-inf"))  # top-k, ties kept
+        ids, order = ids.sort(-1)  # [N, C] vocabulary order, as a CDF over all columns runs
+        vals = filter_logits(vals.gather(1, order), 0, top_p)  # [N, C]
+    else:
+        ids, vals = None, filter_logits(scaled, 0, top_p)  # [N, V]
+    cdf = vals.softmax(-1).cumsum(-1)  # [N, C or V]
     target = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)  # [N, 1]
-    tok = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-    tok = torch.where(probs.gather(1, tok[:, None])[:, 0] > 0, tok, probs.argmax(-1))  # fp edge safety
-    return tok, scaled.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+    pick = torch.searchsorted(cdf, target, right=True)  # [N, 1]
+    pick = torch.minimum(pick, torch.searchsorted(cdf, cdf[:, -1:].contiguous()))  # u * total rounded up to total: last candidate
+    tok = (ids.gather(1, pick) if ids is not None else pick)[:, 0]  # [N]
+    return tok, scaled.gather(1, tok[:, None])[:, 0] - lse
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from tinyr1.errors import DataError
+from tinyr1.errors import ConfigError, DataError
 from tinyr1.prompts import build_prompt, question_with_options
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -212,6 +213,45 @@ def _make_split(out: Path, split: str, code: int, n: int, seed: int, tasks: Sequ
     return items
 
 
+SYNTH_FILES = {"train": "train.jsonl", "eval": "eval.jsonl", "coldstart": "coldstart.json"}
+
+
+def synthetic_target(paths: dict[str, str | None], video_root: str | None) -> Path | None:
+    """The folder `data.synth = true` may write the synthetic set into, or None when data.train
+    exists (nothing to write). Checked before anything is written: no data path may be a folder,
+    and a missing data.train is only created as part of a new set whose every configured path
+    names that set's own file (data.train = DIR/train.jsonl, data.eval = DIR/eval.jsonl, ...,
+    data.video_root = DIR) in a new or empty DIR. Anything else is a typo, never a place to write."""
+    for key, value in paths.items():
+        if value is not None and Path(value).is_dir():
+            raise ConfigError(f"data.{key} = {value!r} is a folder; it must name a dataset file "
+                              f"(e.g. {Path(value) / SYNTH_FILES.get(key, 'train.jsonl')}). Nothing was written")
+    train = paths.get("train")
+    if train is None or Path(train).is_file():
+        return None
+    folder = Path(train).parent
+    wanted = {f"data.{k}": folder / name for k, name in SYNTH_FILES.items() if k == "train" or paths.get(k)}
+    got = {f"data.{k}": Path(paths[k]) for k in SYNTH_FILES if paths.get(k)}  # type: ignore[arg-type]
+    if video_root is not None:
+        wanted["data.video_root"], got["data.video_root"] = folder, Path(video_root)
+    wrong = [f"{key} = {str(got[key])!r}" for key in wanted if got[key].resolve() != wanted[key].resolve()]
+    if wrong:
+        layout = ", ".join(f"{key} = {str(path)!r}" for key, path in wanted.items())
+        raise ConfigError(
+            f"data.train = {train!r} does not exist, and data.synth = true creates a synthetic set only as a "
+            f"new folder its paths all name ({layout}); {' and '.join(wrong)} do not fit that: a typo? "
+            "Nothing was written. Fix: point data.train at your dataset file, or set data.synth = false, "
+            "or point the data paths at a new folder's train.jsonl / eval.jsonl / coldstart.json"
+        )
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(
+            f"data.train = {train!r} does not exist, and data.synth = true would write the synthetic set into "
+            f"{folder}, which already holds other files: a typo in data.train? Nothing was written. Fix: point "
+            "data.train at your dataset file, or set data.synth = false, or choose a new folder"
+        )
+    return folder
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -226,21 +266,51 @@ def write_synthetic(
     size: int = 32,
     eval_n: int = 500,
     coldstart_n: int = 64,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write the synthetic dataset; returns {"train", "coldstart", "eval", "videos"} paths.
 
     train.jsonl: {"id", "problem", "solution", "video_filename": "./videos/..", "task"}
     coldstart.json: LLaVA rows whose gpt turn is "<think>evidence</think> <answer>X</answer>"
     eval.jsonl: {"id", "video", "question", "options", "answer", "task"} on held-out clips.
+
+    `out_dir` must be new or empty unless `overwrite`: the set is written into a temporary sibling
+    folder and renamed into place when complete, so an interrupted write leaves no half set and no
+    user file is ever replaced.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise DataError(f"unknown synthetic task(s) {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
     if size % 2 or size < 16:
         raise ValueError(f"size must be even and >= 16 (H.264 yuv420p), got {size}")
-    out = Path(out_dir)
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise DataError(f"{final} exists and is not a folder; choose another folder for the synthetic set")
+    in_place = final.is_dir() and any(final.iterdir())
+    if in_place and not overwrite:
+        raise DataError(
+            f"{final} is not empty: synthetic data is written only into a new or empty folder, never over "
+            "files; choose another folder (`tinyr1 data synth --force` writes over it)"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final if in_place else final.parent / f".{final.name}.tmp-synth-{os.getpid()}"
+    try:
+        _write_set(out, n, seed, list(tasks), frames, size, eval_n, coldstart_n)
+        if out != final:
+            if final.is_dir():
+                final.rmdir()  # empty (checked above)
+            os.replace(out, final)
+    finally:
+        if out != final and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+    return {"train": final / "train.jsonl", "coldstart": final / "coldstart.json", "eval": final / "eval.jsonl",
+            "videos": final / "videos"}
+
+
+def _write_set(out: Path, n: int, seed: int, tasks: list[str], frames: int, size: int, eval_n: int,
+               coldstart_n: int) -> None:
+    """The three splits, their rows and videos, into `out`."""
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    tasks = list(tasks)
 
     train = _make_split(out, "train", 1, n, seed, tasks, frames, size)
     _write_jsonl(out / "train.jsonl", [
@@ -266,5 +336,3 @@ def write_synthetic(
          "answer": chr(ord("A") + it.k), "task": it.task.name}
         for it in held
     ])
-    return {"train": out / "train.jsonl", "coldstart": out / "coldstart.json", "eval": out / "eval.jsonl",
-            "videos": out / "videos"}

@@ -50,11 +50,12 @@ from tinyr1.checkpoint import (
     load_checkpoint,
     load_rank_rng,
     rank_rng_state,
+    resume_latest,
     save_adapter,
     save_checkpoint,
 )
 from tinyr1.context import Context
-from tinyr1.data import Sample
+from tinyr1.data import Sample, reward_columns
 from tinyr1.evaluate import decode_completions, prompt_tensor
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import (
@@ -146,10 +147,7 @@ def rollout_step(ctx: Context, batch: Batch) -> Rollout:
     prompt_ids = [prompt_tensor(tok, s.question, "train") for s, _ in batch]  # B x [P_b]
     ids, noise = sample_completions(ctx, prompt_ids, video_tokens)  # [B*G, L], the advantage noise's generator
     texts = decode_completions(tok, ids, completion_mask(ids, tok.eos_token_id))
-    columns: dict[str, list[Any]] = {}
-    for s, _ in batch:
-        for key, value in s.columns().items():
-            columns.setdefault(key, []).extend([value] * g)
+    columns = reward_columns([s for s, _ in batch], g)  # every key of any row, None where a row lacks it
     per_reward, total = compute_rewards(ctx.reward_funcs, texts, columns)  # [B*G, R], [B*G]
     adv, reward_stats = group_advantages(  # over the global batch: "batch" scaling and the stats see every rank
         dist.all_gather_rows(total.float()), g, scale=cfg.grpo.scale_rewards, noise_std=cfg.grpo.noise_std,
@@ -330,19 +328,24 @@ def gathered_completion_rows(ro: Rollout, samples: list[Sample]) -> list[dict[st
 
 
 class StopFlag:
-    """SIGINT/SIGTERM finish the current step, save, and exit cleanly."""
+    """SIGINT/SIGTERM finish the current step, save, and exit cleanly. `StopFlag.received` keeps the
+    signal that stopped the last loop (None: it ran to the end), for the CLI's exit code."""
+
+    received: int | None = None
 
     def __init__(self) -> None:
         self.stop = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
+        StopFlag.received = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.stop = True
+        StopFlag.received = signum
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -361,25 +364,34 @@ def save_state(ctx: Context, run_dir: Path, state: TrainState) -> None:
     dist.barrier()  # the checkpoint is complete before any rank goes on
 
 
-def resume_state(ctx: Context, run_dir: Path, note: Callable[[str], Any] | None = None) -> TrainState | None:
-    """Restore the newest complete checkpoint of `run_dir` into `ctx` (each rank its own RNG state);
-    None when there is none. `note` hears when the checkpoint was made with another number of ranks."""
-    ckpt = latest_checkpoint(run_dir)
+def resume_state(ctx: Context, run_dir: Path, *, run_id: str = "",
+                 note: Callable[[str], None] = print) -> TrainState | None:
+    """Restore the newest intact checkpoint of this run (`run_id`) into `ctx`; None when there is none.
+
+    Under torchrun rank 0 picks the checkpoint (moving a corrupt one aside) and the other ranks
+    load the one it picked; each rank then restores its own RNG state, and `note` hears when the
+    checkpoint was made by another number of ranks or another launcher.
+    """
+    if dist.is_main():
+        state = resume_latest(run_dir, run_id=run_id, note=note, model=ctx.model, optimizer=ctx.optimizer,
+                              scheduler=ctx.scheduler, generator=ctx.generator, scaler=ctx.scaler)
+        ckpt = latest_checkpoint(run_dir, run_id=run_id) if state is not None else None
+    ckpt = dist.broadcast_object(ckpt if dist.is_main() else None)
     if ckpt is None:
         return None
-    state = load_checkpoint(ckpt, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                            generator=ctx.generator, scaler=ctx.scaler)
+    if not dist.is_main():
+        state = load_checkpoint(ckpt, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
+                                generator=ctx.generator, scaler=ctx.scaler)
     now = dist.world_size(), dist.active()
     made = load_rank_rng(ckpt, dist.rank(), *now)
     if made != now:
         dist.seed_rank_rng(dist.keyed_seed(ctx.cfg.train.seed, "resume", state.step))  # fresh streams, ranks > 0
-        if note is not None:
-            note(f"{ckpt} was written by {_launch(*made)} and resumes on {_launch(*now)}: the adapter, optimizer, "
-                 "schedule and data position continue; " + (
-                     "prompts keep their sampling streams, but completions can differ from an uninterrupted run "
-                     "(per-rank random streams restart, and the batch split changes rounding)" if made[1] and now[1]
-                     else "sampling differs from an uninterrupted run (one process draws one stream for the whole "
-                     "batch, torchrun one per prompt)"))
+        note(f"{ckpt} was written by {_launch(*made)} and resumes on {_launch(*now)}: the adapter, optimizer, "
+             "schedule and data position continue; " + (
+                 "prompts keep their sampling streams, but completions can differ from an uninterrupted run "
+                 "(per-rank random streams restart, and the batch split changes rounding)" if made[1] and now[1]
+                 else "sampling differs from an uninterrupted run (one process draws one stream for the whole "
+                 "batch, torchrun one per prompt)"))
     return state
 
 

@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 from tinyr1 import __version__
+from tinyr1.cpu import configure_cpu_env
 from tinyr1.errors import TinyR1Error
 
 DESCRIPTION = """\
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_cpu_env()  # before any command imports torch: OpenMP reads its wait policy once
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -62,6 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a training loop (which saves and exits 130 itself)
         print("interrupted", file=sys.stderr)
         return 130

@@ -31,11 +31,20 @@ def add_loading_args(p: argparse.ArgumentParser) -> None:
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     """--threads: torch's CPU threads (a 2-thread process can stall behind other work on 2 cores)."""
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's, one per core); 1 avoids stalls on a busy machine")
+                   help="CPU threads for torch (default: one per core that other processes leave free, from the "
+                   "load average; OMP_NUM_THREADS is respected)")
 
 
-def apply_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+def apply_threads(threads: int | None, *, auto: bool = True) -> str:
+    """Give torch `threads` CPU threads, or (`auto`) the load-aware default of `tinyr1.cpu`;
+    returns a line for the console when the choice is not torch's own ("" otherwise)."""
+    import torch
 
-        torch.set_num_threads(max(threads, 1))
+    from tinyr1.cpu import choose_threads
+
+    if threads is None and not auto:
+        return ""
+    chosen, why = choose_threads(threads, torch.get_num_threads())
+    if chosen is not None:
+        torch.set_num_threads(chosen)
+    return why

@@ -42,6 +42,7 @@ Examples:
   tinyr1 bench --preset tiny --threads 1    # CPU, the tiny demo model: ~20 s (1 thread is faster on a busy machine)
   tinyr1 bench --preset 12gb --steps 3 --json 12gb.json
   tinyr1 bench --preset 24gb --layers 4 --set rollout.max_new_tokens=64   # CPU, a larger reduced run
+  tinyr1 bench --preset 24gb --backends peft,unsloth   # GPU: the two LoRA backends side by side
   tinyr1 bench kernels                      # per-token log-probs at Qwen2.5-3B shapes
   tinyr1 bench kernels --tokens 1024 --methods naive,torch
 """
@@ -107,6 +108,9 @@ def _add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--allow-eos", action="store_true", help="let completions stop at EOS (default: run to max_new_tokens)")
     parser.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                         help="write (and reuse, when its config matches) the random checkpoint here instead of a temp dir")
+    parser.add_argument("--backends", default=None, metavar="LIST",
+                        help="compare model.backend values side by side, e.g. peft,unsloth (same checkpoint, "
+                             "seed and shapes; peft runs first)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
     return parser
 
@@ -141,20 +145,30 @@ def _bench_root(args: argparse.Namespace) -> int:
     from tinyr1.preset_bench import print_result, run_preset_bench
 
     console = Console()
-    apply_threads(args.threads)
+    apply_threads(args.threads, auto=False)  # a benchmark measures torch's own default unless told
     knobs = {k: getattr(args, k) for k in ("layers", "hidden", "vision_layers", "vision_hidden", "vocab")}
     bad = [f"--{k.replace('_', '-')}" for k, v in knobs.items() if v is not None and v < 1]
     if bad:
         raise ConfigError(f"{', '.join(bad)} must be at least 1")
-    result = run_preset_bench(
-        args.preset, steps=args.steps, scale=args.scale, knobs=knobs, overrides=args.overrides, device=args.device,
-        seed=args.seed, allow_eos=args.allow_eos, checkpoint_dir=args.checkpoint_dir,
-        on_status=lambda msg: console.print(f"[dim]{msg}[/]"),
-    )
-    print_result(result, console)
+    common = dict(steps=args.steps, scale=args.scale, knobs=knobs, overrides=args.overrides, device=args.device,
+                  seed=args.seed, allow_eos=args.allow_eos, checkpoint_dir=args.checkpoint_dir,
+                  on_status=lambda msg: console.print(f"[dim]{msg}[/]"))
+    if args.backends is not None:
+        from tinyr1.preset_bench import print_comparison, run_backend_comparison
+
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        results = run_backend_comparison(args.preset, backends, **common)
+        for res in results:
+            print_result(res, console)
+        print_comparison(results, console)
+        payload: Any = [r.to_json() for r in results]
+    else:
+        result = run_preset_bench(args.preset, **common)
+        print_result(result, console)
+        payload = result.to_json()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         console.print(f"wrote {args.json}")
     return 0
 

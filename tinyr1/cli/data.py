@@ -39,7 +39,9 @@ def register(subparsers: Any) -> None:
         description="Write synthetic clips + train.jsonl, coldstart.json, eval.jsonl into OUT_DIR.\n\n"
         "Example:\n  tinyr1 data synth data/synth --n 2000 --seed 0 --tasks color",
     )
-    synth.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created; files are overwritten)")
+    synth.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (new or empty unless --force)")
+    synth.add_argument("--force", action="store_true", help="write into OUT_DIR even if it holds files (they may be "
+                       "overwritten)")
     synth.add_argument("--n", type=int, default=2000, help="training clips (default 2000)")
     synth.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same data (default 0)")
     synth.add_argument("--tasks", default="color",
@@ -75,7 +77,7 @@ def _synth(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with console.status(f"writing {args.n + args.eval_n + args.coldstart_n} clips to {args.out_dir} ..."):
         paths = write_synthetic(args.out_dir, args.n, args.seed, tasks=tasks, frames=args.frames, size=args.size,
-                                eval_n=args.eval_n, coldstart_n=args.coldstart_n)
+                                eval_n=args.eval_n, coldstart_n=args.coldstart_n, overwrite=args.force)
     elapsed = time.perf_counter() - start
     console.print(f"wrote {args.n} train, {args.coldstart_n} cold-start and {args.eval_n} eval clips "
                   f"({', '.join(tasks)}; {args.frames} frames of {args.size}x{args.size}) in {elapsed:.1f} s")
@@ -120,9 +122,15 @@ def _check(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tinyr1.data import scan_dataset
+    from tinyr1.errors import ConfigError
 
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be at least 1, got {args.frames}")
     console = Console()
     samples, problems = scan_dataset(args.file, video_root=args.video_root, fmt=args.fmt)
+    if not samples and not problems:
+        console.print(f"[red]{args.file}: the dataset has no rows[/]: nothing to train or evaluate on")
+        return 1
     videos = _open_videos(samples, args.frames)
     kinds = Counter(videos[str(s.video)][0] for s in samples)
     ok_infos = [videos[str(s.video)][1] for s in samples if videos[str(s.video)][0] == "ok"]

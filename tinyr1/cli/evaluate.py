@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,26 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--num-samples > 1 needs --temperature > 0 (greedy completions would all be equal)")
 
 
+def output_path(args: argparse.Namespace) -> Path:
+    """Where the predictions go, checked before any work: a writable folder, and never over a file
+    that is not an earlier `tinyr1 eval` output (its summary beside it) or over the data itself."""
+    from tinyr1.errors import ConfigError
+    from tinyr1.storage import check_writable
+
+    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.preds.jsonl")
+    if out.exists() and out.resolve() == Path(args.data).resolve():
+        raise ConfigError(f"--out {out} is the --data file; choose another file for the predictions")
+    if out.exists() and (not out.is_file() or not summary_path(out).is_file()):
+        raise ConfigError(f"--out {out} exists and is not an earlier `tinyr1 eval` output (no "
+                          f"{summary_path(out).name} beside it); choose another file, or delete it first")
+    check_writable(out.parent, "--out folder")
+    return out
+
+
+def summary_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".summary.json")
+
+
 def read_samples(args: argparse.Namespace, console: Any) -> list[Any]:
     """Readable rows of --data (malformed rows are listed and skipped), cut to --limit."""
     from rich.markup import escape
@@ -96,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from tinyr1.video import load_frames
 
     _check_args(args)
+    out = output_path(args)  # before minutes of evaluation
     console = Console()
     samples = read_samples(args, console)
     loaded = load_for_inference(args.model, args.adapter, quant=args.quant, dtype=args.dtype, device=args.device)
@@ -117,22 +139,34 @@ def run(args: argparse.Namespace) -> int:
         )
     for msg in result.skipped:
         console.print(f"[yellow]skipped (video)[/] {escape(msg)}")
-    out = Path(args.out) if args.out else Path(f"{Path(args.data).stem}.preds.jsonl")
     write_outputs(out, result, args, frames)
     print_summary(console, result, out)
     return 0
 
 
 def write_outputs(out: Path, result: Any, args: argparse.Namespace, frames: int) -> Path:
-    """OUT (one line per completion) and OUT.summary.json (what `tinyr1 merge --eval` reads)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows), encoding="utf-8")
+    """OUT (one line per completion) and OUT.summary.json (what `tinyr1 merge --eval` reads), each
+    written to a temporary file and renamed: a full disk leaves the earlier files, named."""
+    from tinyr1.storage import disk_error
+
     summary = {"data": str(args.data), "model": str(args.model), "adapter": args.adapter, "frames": frames,
                "prompt": args.prompt, "temperature": args.temperature, "num_samples": args.num_samples,
                **result.summary(), "skipped_rows": result.skipped}
-    summary_path = out.with_name(out.stem + ".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary_path
+    texts = {out: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows),
+             summary_path(out): json.dumps(summary, indent=2) + "\n"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in texts.items():
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            named = disk_error(err, path, need_bytes=len(text.encode()), what="writing the evaluation results")
+            if named is None:
+                raise
+            raise named from err
+    return summary_path(out)
 
 
 def print_summary(console: Any, result: Any, out: Path) -> None:
@@ -156,4 +190,4 @@ def print_summary(console: Any, result: Any, out: Path) -> None:
         for name, c in cats.items():
             by.add_row(name, str(int(c["n"])), f"{c['accuracy']:.4f}", f"{c['format_rate']:.4f}")
         console.print(by)
-    console.print(f"per-sample results: {out}  summary: {out.with_name(out.stem + '.summary.json')}")
+    console.print(f"per-sample results: {out}  summary: {summary_path(out)}")

@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     title = (f"{cfg.preset}: B={shape.prompts} prompts{per_gpu} x G={shape.group_size}, {shape.frames} frames, "
              f"{shape.max_new_tokens} new tokens, micro-batch {shape.micro_batch}, LoRA r={shape.lora_r}, "
              f"{shape.quant}/{shape.dtype} on {shape.device}")
+    if shape.backend != "peft" or shape.grad_checkpointing == "offload":
+        title += f", backend {shape.backend}" + (", offloaded checkpoints" if shape.grad_checkpointing == "offload" else "")
     if cfg.model.dtype == "auto" and shape.device == "cuda":
         title += " (dtype auto: bf16 where the GPU supports it, else fp16 with loss scaling, the same bytes)"
     table = Table(title=title, title_justify="left")
@@ -120,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
     all_kinds = ("weights", "state", "kept", "activation", "overhead")
     table.add_row("[bold]total", _fmt(est.phase_total("rollout", all_kinds)),
                   _fmt(est.phase_total("update", all_kinds)), "")
+    host = [x for x in est.lines if x.kind == "host"]
+    if host:
+        table.add_section()
+        for ln in host:  # not GPU memory: beside the total, not in it
+            table.add_row(ln.name, _fmt(ln.rollout), _fmt(ln.update), ln.note)
     console.print(table)
     need = need_bytes(est)
     gpu_gb = gpu_gb if gpu_gb is not None else nominal_gpu_gb(cfg.preset)

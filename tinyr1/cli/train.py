@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from tinyr1.config import Config
 
 ORDER = 10
+EXIT_SIGNAL_BASE = 128  # stopped by signal N after saving a checkpoint: exit 128 + N (130 SIGINT, 143 SIGTERM)
 
 EPILOG = """\
 examples:
@@ -32,9 +33,15 @@ examples:
       data-parallel on 4 GPUs: the same update as one GPU running all rollout.prompts_per_step
       prompts (README, "More than one GPU")
 
-A run folder holds config.toml (fully resolved), metrics.jsonl, completions.jsonl, eval.jsonl,
-checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` / `tinyr1 merge`).
+A run folder holds run.json (the run's id), config.toml (fully resolved), metrics.jsonl,
+completions.jsonl, eval.jsonl, checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` /
+`tinyr1 merge`). A fresh run needs a new or empty train.output_dir: an old run there is continued
+with --resume or replaced with --force.
 Ctrl-C finishes the current step, saves a checkpoint and exits; `--resume` continues.
+
+exit status: 0 finished; 2 bad input, a refused folder or a full disk (the message says which and
+the fix); 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) stopped by that signal after saving a checkpoint,
+resumable; 1 an internal error (a bug: please report it with the traceback).
 """
 
 
@@ -50,10 +57,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value, same spelling as the TOML (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a train.output_dir that holds an old run: deletes that run's checkpoints, logs "
+                   "and final adapter (without it a fresh run needs a new or empty folder)")
     p.add_argument("--no-check", action="store_true",
                    help="skip the memory planner's check that the run fits the GPU (see `tinyr1 plan`)")
+    p.add_argument("--rewards-path", action="append", default=[], metavar="DIR",
+                   help="a folder custom reward modules (\"module:function\" in [rewards]) are imported from "
+                   "(repeatable; the --config file's folder is searched too, never the working directory)")
+    p.add_argument("--trust-rewards", action="store_true",
+                   help="run custom reward modules from files or folders another user owns or can write "
+                   "(e.g. resuming someone else's run folder); they are refused without it")
     add_threads_arg(p)
     p.set_defaults(func=run)
+
+
+def check_custom_rewards(cfg: Config, search: list[Path], *, trust: bool, console: Console,
+                         run_files: tuple[Path, ...] = ()) -> None:
+    """Print the file of every custom reward before anything runs; refuse files the user did not
+    write (another owner, or writable by others; on --resume also another user's run folder)
+    without --trust-rewards. See tinyr1.reward_modules."""
+    from tinyr1.errors import RewardError
+    from tinyr1.reward_modules import describe, locate_all, untrusted_reasons
+
+    found = locate_all(cfg.rewards.weights, search)
+    if not found:
+        return
+    for line in describe({name: file for name, (file, _) in found.items()}):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    reasons = untrusted_reasons([file for file, _ in found.values()], dict(found.values()), run_files)
+    if reasons and not trust:
+        shown = "\n  ".join(reasons[:8])
+        raise RewardError(
+            f"custom reward code from a place you did not write would run in this process:\n  {shown}\n"
+            "read the module(s) above; if you trust them, run again with --trust-rewards"
+        )
 
 
 def _check_memory(cfg: Config, no_check: bool) -> None:
@@ -84,27 +122,35 @@ def run(args: argparse.Namespace) -> int:
     from tinyr1.config_io import load_config, resolve_output_dir
     from tinyr1.device import configure_cuda_allocator
     from tinyr1.errors import ConfigError
+    from tinyr1.reward_modules import search_folders
+    from tinyr1.runfolder import check_fresh, read_identity
     from tinyr1.session import train
+    from tinyr1.storage import check_writable
 
     console = Console()
     allocator = configure_cuda_allocator()  # before anything initializes CUDA
-    apply_threads(args.threads)
+    threads_note = apply_threads(args.threads)  # load-aware default: a busy CPU slows, never stalls, a run
     if dist.init_from_env() and not dist.is_main():  # under torchrun: rank 0 speaks for the run
         console = Console(quiet=True)
+    if threads_note:
+        console.print(threads_note, highlight=False)
     if torch.cuda.is_available():
         console.print(allocator)
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.toml there; pass a run folder written by `tinyr1 train`")
-        if args.overrides:
-            raise ConfigError("--resume continues a run with its stored config; --set cannot be combined with it")
+        if args.overrides or args.force:
+            raise ConfigError("--resume continues a run with its stored config; --set and --force cannot be "
+                              "combined with it")
         cfg = load_config(str(run_dir / "config.toml"))
-        if dist.is_main():  # first: the planner then sizes the tiny model, not the 3B default
-            prepare_demo_assets(cfg, console)
-        dist.barrier()  # the other ranks read what rank 0 wrote
+        recorded = read_identity(run_dir).reward_files.values()
+        search = search_folders(str(run_dir / "config.toml"), args.rewards_path, recorded)
+        check_custom_rewards(cfg, search, trust=args.trust_rewards, console=console,
+                             run_files=(run_dir / "config.toml", run_dir / "run.json"))
+        dist.main_first(lambda: prepare_demo_assets(cfg, console))  # first: the planner then sizes the tiny model
         _check_memory(cfg, args.no_check)
-        out = train(cfg, resume=run_dir, console=console)
+        out = train(cfg, resume=run_dir, console=console, rewards_path=search)
     else:
         source = args.config or args.preset
         if args.preset == "auto":
@@ -113,12 +159,23 @@ def run(args: argparse.Namespace) -> int:
             source, _ = resolve_auto_preset(args.overrides, console)
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
-        cfg = resolve_output_dir(load_config(source, args.overrides))
-        if dist.is_main():  # first: the planner then sizes the tiny model, not the 3B default
-            prepare_demo_assets(cfg, console)
-        dist.barrier()  # the other ranks read what rank 0 wrote
+        cfg = dist.broadcast_object(resolve_output_dir(load_config(source, args.overrides)))  # rank 0's {time}
+
+        def checks() -> None:  # before anything is made or loaded
+            check_fresh(Path(cfg.train.output_dir), force=args.force)
+            check_writable(Path(cfg.train.output_dir), "train.output_dir")
+
+        dist.main_first(checks)
+        search = search_folders(args.config, args.rewards_path)
+        check_custom_rewards(cfg, search, trust=args.trust_rewards, console=console)
+        dist.main_first(lambda: prepare_demo_assets(cfg, console))  # first: the planner then sizes the tiny model
         _check_memory(cfg, args.no_check)
-        out = train(cfg, console=console)
+        out = train(cfg, console=console, force=args.force, rewards_path=search)
+    from tinyr1.trainer import StopFlag
+
+    if StopFlag.received is not None:  # stopped by a signal, checkpoint saved: say so in the exit status
+        console.print(f"run folder: {out} (stopped by signal {StopFlag.received}; continue with --resume {out})")
+        return EXIT_SIGNAL_BASE + StopFlag.received
     print_eval_summary(out, min(cfg.train.eval_samples, cfg.rollout.num_generations), console)
     console.print(f"run folder: {out}")
     return 0
@@ -127,19 +184,31 @@ def run(args: argparse.Namespace) -> int:
 def prepare_demo_assets(cfg: Config, console: Console) -> None:
     """The tiny demo's inputs, made on first use as `tinyr1 init-tiny` and `tinyr1 data synth` make
     them: a random checkpoint when `model.synth` is set and `model.path` has none, synthetic clips
-    when `data.synth` is set and `data.train` does not exist yet."""
+    when `data.synth` is set and `data.train` does not exist yet. Every path is checked before
+    anything is written, and nothing is written over an existing file (`synth.synthetic_target`)."""
+    from tinyr1.errors import ConfigError
     from tinyr1.model.writing import write_tiny_checkpoint
-    from tinyr1.synth import write_synthetic
+    from tinyr1.synth import synthetic_target, write_synthetic
 
     size = cfg.video.image_size or 32
-    if cfg.model.synth and not (Path(cfg.model.path) / "config.json").is_file():
+    d = cfg.data
+    data_dir = synthetic_target({"train": d.train, "eval": d.eval, "coldstart": d.coldstart},
+                                d.video_root) if d.synth else None
+    model_dir = Path(cfg.model.path)
+    make_model = cfg.model.synth and not (model_dir / "config.json").is_file()
+    if make_model and (model_dir.exists() and (not model_dir.is_dir() or any(model_dir.iterdir()))):
+        raise ConfigError(
+            f"model.path = {cfg.model.path!r} holds files but no config.json, and model.synth = true would write a "
+            "tiny random checkpoint there: a typo? Nothing was written. Fix: point model.path at a checkpoint "
+            "folder or a new folder, or set model.synth = false"
+        )
+    if make_model:
         console.print(f"creating a tiny random TinyLLaVA-Video checkpoint at {cfg.model.path}")
         write_tiny_checkpoint(cfg.model.path, seed=cfg.data.synth_seed, frames=cfg.video.num_frames, image_size=size)
-    if cfg.data.synth and cfg.data.train and not Path(cfg.data.train).is_file():
-        out = Path(cfg.data.video_root or Path(cfg.data.train).parent)
-        console.print(f"writing {cfg.data.synth_n} synthetic training clips (+{cfg.data.synth_eval_n} held out) to {out}")
-        write_synthetic(out, cfg.data.synth_n, cfg.data.synth_seed, frames=cfg.video.num_frames, size=size,
-                        eval_n=cfg.data.synth_eval_n)
+    if data_dir is not None:
+        console.print(f"writing {d.synth_n} synthetic training clips (+{d.synth_eval_n} held out) to {data_dir}")
+        write_synthetic(data_dir, d.synth_n, d.synth_seed, frames=cfg.video.num_frames, size=size,
+                        eval_n=d.synth_eval_n)
 
 
 def print_eval_summary(run_dir: Path, samples: int, console: Console) -> None:

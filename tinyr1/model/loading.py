@@ -9,6 +9,7 @@ inside config.json are never resolved.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -23,9 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from tinyr1.errors import CheckpointError, DeviceError
+from tinyr1.errors import CheckpointError, ConfigError, DeviceError
 from tinyr1.hf_compat import enable_gradient_checkpointing
+from tinyr1.model.adapter_check import check_adapter, module_shapes
 from tinyr1.model.tinyllava import TinyLlavaConfig, TinyLlavaVideo
+from tinyr1.offload import enable_offload
 from tinyr1.tokenizer import load_tokenizer as read_tokenizer
 
 # peft and bitsandbytes are imported where used: bitsandbytes logs a notice on import that the
@@ -274,6 +277,16 @@ def add_lora(
     """Wrap the LLM with PEFT LoRA in place; the adapter saves/loads with plain `peft`."""
     from peft import LoraConfig, get_peft_model
 
+    names = [n for n, mod in model.language_model.named_modules() if isinstance(mod, nn.Linear)]  # NF4 too
+    linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+    absent = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if absent:
+        near = {t: difflib.get_close_matches(t, linear, n=1, cutoff=0.5) for t in absent}
+        hints = "".join(f" ('{t}': did you mean '{m[0]}'?)" for t, m in near.items() if m)
+        raise ConfigError(
+            f"lora.target_modules = {list(target_modules)}: the LLM has no linear layer named {', '.join(absent)}"
+            f"{hints}; its linear layers are {', '.join(linear)}"
+        )
     lora = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
         task_type="CAUSAL_LM", bias="none",
@@ -286,20 +299,16 @@ def load_adapter(model: TinyLlavaVideo, adapter_dir: str | Path, *, trainable: b
     from peft import PeftModel
 
     adir = Path(adapter_dir)
-    if not (adir / "adapter_config.json").is_file():
-        raise CheckpointError(f"{adir} is not a LoRA adapter folder (no adapter_config.json)")
+    own = model.connector.resampler.state_dict()
+    check_adapter(adir, module_shapes(model.language_model), "this model",
+                  {k: tuple(v.shape) for k, v in own.items()})  # PEFT would drop unknown modules silently
     try:
         model.language_model = PeftModel.from_pretrained(model.language_model, str(adir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"adapter {adir} does not match the base model: {err}") from None
     conn = adir / "connector.safetensors"
     if conn.is_file():
-        state = load_file(str(conn))
-        own = model.connector.resampler.state_dict()
-        bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-        if bad:
-            raise CheckpointError(f"{conn}: tensors do not match the base model's connector: {', '.join(bad[:5])}")
-        model.connector.resampler.load_state_dict(state, strict=True)
+        model.connector.resampler.load_state_dict(load_file(str(conn)), strict=True)
 
 
 @contextlib.contextmanager
@@ -313,7 +322,9 @@ def adapters_disabled(model: TinyLlavaVideo) -> Iterator[None]:
         yield
 
 
-def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradient_checkpointing: bool) -> None:
+def prepare_for_training(
+    model: TinyLlavaVideo, *, train_connector: bool, gradient_checkpointing: bool | Literal["offload"],
+) -> None:
     """Freeze everything but LoRA (and the connector when asked); vision tower stays in eval mode.
 
     Trainable weights are fp32 master weights whatever the compute dtype: an AdamW step at lr 1e-5
@@ -326,6 +337,8 @@ def prepare_for_training(model: TinyLlavaVideo, *, train_connector: bool, gradie
         model.connector.float().requires_grad_(True)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model.llm)
+    if gradient_checkpointing == "offload":  # checkpointed layer inputs wait in host RAM (tinyr1.offload)
+        enable_offload(model.llm.model.layers)
     model.train()
     model.vision_tower.eval()
 
