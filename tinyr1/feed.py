@@ -104,7 +104,7 @@ class SampleFeeder:
             for j, sample in enumerate(candidates):
                 self.seen += 1
                 if j in errors:
-                    self._skip(f"{sample.video}: {errors[j]}")
+                    self._skip(errors[j])  # a VideoError starts with the video's path
                     continue
                 if j in local:
                     frames[len(picked)] = local[j]
