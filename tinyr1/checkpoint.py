@@ -38,7 +38,7 @@ TMP_RE = re.compile(r"\.tmp-step-\d+-(?:(?P<run>[0-9a-f]+)-)?\d+")  # .tmp-step-
 FINAL_TMP_RE = re.compile(r"\.final\.tmp-\d+")  # save_adapter's temp name for RUN/final
 ADAPTER = "adapter"
 CONNECTOR_FILE = "connector.safetensors"
-RANK_RNG_FILE = "rng_ranks.pt"  # {"world_size": N, "torchrun": bool, "states": N x rank_rng_state()}
+RANK_RNG_FILE = "rng_ranks.pt"  # torchrun runs: {"world_size": N, "torchrun": True, "states": N x rank_rng_state()}
 
 
 @dataclass
@@ -311,7 +311,7 @@ def rank_rng_state() -> dict[str, torch.Tensor]:
 
 def load_rank_rng(ckpt: Path, rank: int, world_size: int, torchrun: bool) -> tuple[int, bool]:
     """Restore rank `rank`'s RNG state from a checkpoint made the same way (same number of ranks,
-    same launcher); returns how it was made: (ranks, torchrun). Older checkpoints: (1, False)."""
+    same launcher); returns how it was made: (ranks, torchrun); (1, False) for a plain run's checkpoint."""
     path = Path(ckpt) / RANK_RNG_FILE
     if not path.is_file():
         return 1, False

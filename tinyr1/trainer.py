@@ -355,8 +355,9 @@ class StopFlag:
 # ---- checkpoints -------------------------------------------------------------------------------
 def save_state(ctx: Context, run_dir: Path, state: TrainState) -> None:
     """Checkpoint everything `--resume` needs (atomic: temp folder + rename). Called on every rank:
-    rank 0 writes, with every rank's RNG state; weights and optimizer are the same on all ranks."""
-    rank_rng = dist.all_gather_objects(rank_rng_state())
+    under torchrun rank 0 writes, with every rank's RNG state (weights and optimizer are the same on
+    all ranks); a plain process writes the files it always wrote."""
+    rank_rng = dist.all_gather_objects(rank_rng_state()) if dist.active() else None
     if dist.is_main():
         save_checkpoint(run_dir, state, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                         generator=ctx.generator, train_connector=ctx.cfg.model.train_connector, scaler=ctx.scaler,
