@@ -79,7 +79,8 @@ def test_unknown_key_wrong_type_and_rule_in_one_error(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"invalid configuration ({user}), 3 problems:\n"
         f"  - {user}:4: unknown key 'rollout.num_generation'; did you mean 'num_generations'? "
-        "valid keys in rollout: num_generations, max_new_tokens, temperature, top_p, top_k, prompts_per_step\n"
+        "valid keys in rollout: num_generations, max_new_tokens, temperature, top_p, top_k, prompts_per_step, sync_every, "
+        "cuda_graphs\n"
         f"  - {user}:7: train.lr: expected float, got str 'fast'\n"
         "  - rule: train.micro_batch_size = 5 must divide rollout.prompts_per_step * rollout.num_generations "
         "= 8 * 8 = 64; fix: set train.micro_batch_size to one of 1, 2, 4, 8, 16, 32, 64"
