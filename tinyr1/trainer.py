@@ -212,9 +212,8 @@ def sample_completions(ctx: Context, prompt_ids: list[torch.Tensor],
     `ctx.generator`. Under torchrun: prompt j's completions come from a generator keyed by (a seed
     drawn from `ctx.generator`, the same on every rank; j's global index), so they are the same
     whichever rank draws them and however many ranks there are; the noise is keyed by the step.
-    The sampler takes one generator per call, so a rank calls it once per prompt, and the rows are
-    eos-padded to the longest completion over all ranks: every rank's update has one process's
-    shapes. (When `sample_group` takes a generator per prompt, both become one batched call.)
+    One batched call takes a generator per prompt; the rows are eos-padded to the longest completion
+    over all ranks, so every rank's update has one process's shapes.
     """
     rc = ctx.cfg.rollout
     eos = ctx.tokenizer.eos_token_id
@@ -225,15 +224,12 @@ def sample_completions(ctx: Context, prompt_ids: list[torch.Tensor],
         return sample_group(ctx.model, prompt_ids, video_tokens, generator=ctx.generator, **kw)[0], ctx.generator
     step_seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))  # the same draw on every rank
     first = dist.rank() * len(prompt_ids)  # global index of this rank's first prompt
-    parts = [sample_group(ctx.model, [p], [v], generator=dist.keyed_generator(step_seed, first + b), **kw)[0]
-             for b, (p, v) in enumerate(zip(prompt_ids, video_tokens))]  # B x [G, L_b]
-    # A prompt stops early only when all its rows have ended, so the eos padding never ends a truncated row.
-    width = dist.all_reduce_max(max(x.shape[1] for x in parts))
-    ids = torch.full((sum(x.shape[0] for x in parts), width), eos, dtype=torch.long, device=parts[0].device)  # [B*G, L]
-    row = 0
-    for x in parts:
-        ids[row: row + x.shape[0], : x.shape[1]] = x
-        row += x.shape[0]
+    streams = [dist.keyed_generator(step_seed, first + b) for b in range(len(prompt_ids))]
+    local = sample_group(ctx.model, prompt_ids, video_tokens, generator=streams, **kw)[0]  # [B*G, L_rank]
+    # Rows stop early only when all rows have ended, so the eos padding never ends a truncated row.
+    width = dist.all_reduce_max(local.shape[1])
+    ids = torch.full((local.shape[0], width), eos, dtype=torch.long, device=local.device)  # [B*G, L]
+    ids[:, : local.shape[1]] = local
     return ids, dist.keyed_generator(step_seed, "noise")
 
 
