@@ -214,3 +214,18 @@ def test_token_sampler_equals_the_full_vocabulary_cdf(bf16: bool) -> None:
         want, want_lp = sample_tokens_v1(logits, u, temperature=temperature, top_k=top_k, top_p=top_p)
         assert torch.equal(got, want), (temperature, top_k, top_p, (got != want).sum())
         torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=0)
+
+
+def test_one_generator_per_prompt_samples_each_prompt_as_if_alone() -> None:
+    """Data-parallel ranks sample their prompts in one call with a generator per prompt: each
+    prompt's rows are what a call with that prompt and its generator alone gives."""
+    model = _model()
+    ids, vts = _prompts(model, (5, 9, 7), 3)
+    kw = dict(group_size=3, max_new_tokens=12, eos_id=EOS, top_k=6, sync_every=4)
+    both, _ = sample_group(model, ids, vts, generator=[torch.Generator().manual_seed(10 + b) for b in range(3)], **kw)
+    for b in range(3):
+        alone, _ = sample_group(model, ids[b : b + 1], vts[b : b + 1], generator=torch.Generator().manual_seed(10 + b), **kw)
+        rows = both[3 * b : 3 * b + 3]
+        assert torch.equal(rows[:, : alone.shape[1]], alone) and (rows[:, alone.shape[1] :] == EOS).all()
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample_group(model, ids, vts, generator=[torch.Generator()], **kw)

@@ -1,8 +1,8 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a folder `RUN/checkpoints/step-NNNNNN/` holding the PEFT adapter (loadable by plain
-`peft`), the connector when it trains, optimizer + scheduler state, RNG states and the data
-position. It is written into a temporary folder first (`.tmp-step-NNNNNN-RUNID-PID`) and renamed
+`peft`), the connector when it trains, optimizer + scheduler state, RNG states (every rank's, under
+torchrun) and the data position. It is written into a temporary folder first (`.tmp-step-NNNNNN-RUNID-PID`) and renamed
 into place only when complete, so a run killed at any moment resumes from the last complete
 checkpoint. Nothing is unpickled beyond tensors and plain containers (`torch.load(weights_only=True)`).
 
@@ -38,6 +38,7 @@ TMP_RE = re.compile(r"\.tmp-step-\d+-(?:(?P<run>[0-9a-f]+)-)?\d+")  # .tmp-step-
 FINAL_TMP_RE = re.compile(r"\.final\.tmp-\d+")  # save_adapter's temp name for RUN/final
 ADAPTER = "adapter"
 CONNECTOR_FILE = "connector.safetensors"
+RANK_RNG_FILE = "rng_ranks.pt"  # torchrun runs: {"world_size": N, "torchrun": True, "states": N x rank_rng_state()}
 
 
 @dataclass
@@ -85,8 +86,12 @@ def save_checkpoint(
     train_connector: bool,
     scaler: torch.amp.GradScaler | None = None,
     keep: int = 2,
+    rank_rng: list[dict[str, torch.Tensor]] | None = None,
+    torchrun: bool = False,
 ) -> Path:
     """Write step-N atomically; keep the newest `keep` checkpoints of this run (`state.run_id`).
+    `rank_rng`: each rank's `rank_rng_state()` in rank order (rank 0 writes them all); `torchrun`:
+    the run samples with the per-prompt streams of a torchrun launch (`trainer.sample_completions`).
 
     A write that fails (a full or read-only disk) removes the temporary folder, keeps every earlier
     checkpoint and raises a DiskError naming the path and the room needed.
@@ -107,6 +112,8 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / "rng.pt")
+        if rank_rng is not None:
+            torch.save({"world_size": len(rank_rng), "torchrun": torchrun, "states": rank_rng}, tmp / RANK_RNG_FILE)
         (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / COMPLETE).write_text("ok\n")
         _fsync_dir(tmp)
@@ -292,3 +299,27 @@ def resume_latest(
         return _apply(stored, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator,
                       scaler=scaler)
     return None
+
+
+def rank_rng_state() -> dict[str, torch.Tensor]:
+    """This process's global torch RNG state (+ its current CUDA device's): what differs per rank."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_rank_rng(ckpt: Path, rank: int, world_size: int, torchrun: bool) -> tuple[int, bool]:
+    """Restore rank `rank`'s RNG state from a checkpoint made the same way (same number of ranks,
+    same launcher); returns how it was made: (ranks, torchrun); (1, False) for a plain run's checkpoint."""
+    path = Path(ckpt) / RANK_RNG_FILE
+    if not path.is_file():
+        return 1, False
+    saved = torch.load(path, weights_only=True)
+    made = int(saved["world_size"]), bool(saved.get("torchrun", False))
+    if made == (world_size, torchrun):
+        mine = saved["states"][rank]
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+    return made

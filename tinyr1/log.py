@@ -368,6 +368,32 @@ class RunLogger:
         return " · ".join(parts)
 
 
+class QuietLogger(RunLogger):
+    """What ranks other than 0 of a data-parallel run hold: the logger's calls, nothing written or
+    shown (rank 0 writes every file, from metrics gathered over the ranks)."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:  # no files, no display
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def wants_completions(self, step: int) -> bool:
+        return False
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> int:
+        return 0
+
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+
 def _num(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 

@@ -10,10 +10,12 @@ and by the number of accumulation steps, which is exact only for equal micro-bat
 Normalizers per loss type (`S` = sum over the masked per-token losses of the whole step):
 
 - grpo:    mean over sequences of each sequence's masked token mean = sum_i(S_i / T_i) / total_sequences
-- bnpo:    S / total_tokens, "batch" = every completion of this optimizer step on this process.
-           (TRL's bnpo uses the tokens of each *micro-batch* and averages over micro-batches, so its
-           value depends on the micro-batch split; on one process without accumulation, TRL's bnpo
-           and dapo coincide, and here they coincide whenever `world_tokens` is not given.)
+- bnpo:    S / total_tokens, "batch" = every completion of this optimizer step (under torchrun the
+           trainer passes the counts of all ranks and sums the ranks' gradients, so N ranks give
+           one process's loss). (TRL's bnpo uses the tokens of each *micro-batch* and averages over
+           micro-batches, so its value depends on the micro-batch split; on one process without
+           accumulation, TRL's bnpo and dapo coincide, and here they coincide whenever `world_tokens`
+           is not given.)
 - dr_grpo: S / (total_sequences * max_completion_length)
 - dapo:    S / (active tokens of the whole generation batch over all data-parallel ranks / world size),
            TRL's `num_items_in_batch / num_processes`; after DDP averages the gradients across ranks

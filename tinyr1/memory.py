@@ -201,10 +201,13 @@ class Fix:
     sets: tuple[tuple[str, Any], ...]  # (config key, value) pairs
     need: int
 
-    def flags(self) -> str:
+    def flags(self, gpus: int = 1) -> str:
+        """The --set flags; a per-GPU prompt count is given as the global `prompts_per_step` (x gpus)."""
         out = []
         for key, value in self.sets:
             v = str(value).lower() if isinstance(value, bool) else value
+            if key == "rollout.prompts_per_step":
+                v = value * gpus
             out.append(f"--set {key}={v}")
             if key == "video.num_frames":
                 out.append(f"--set video.max_frames={v}")
@@ -267,17 +270,19 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def check_fits(cfg: Config, gpu_bytes: int, prompt_tokens: int = 160) -> Estimate:
-    """Raise ConfigError (with the peaks and the cheapest fixes) when the run cannot fit `gpu_bytes`."""
-    arch, run = arch_for_config(cfg), RunShape.from_config(cfg, prompt_tokens)
+def check_fits(cfg: Config, gpu_bytes: int, prompt_tokens: int = 160, *, gpus: int = 1) -> Estimate:
+    """Raise ConfigError (with the peaks and the cheapest fixes) when the run cannot fit `gpu_bytes`;
+    with `gpus` data-parallel ranks, one rank's share of the prompts on one GPU of `gpu_bytes`."""
+    arch, run = arch_for_config(cfg), RunShape.from_config(cfg, prompt_tokens, gpus=gpus)
     est = estimate(arch, run)
     need = need_bytes(est)
     if verdict(need, gpu_bytes) != "does not fit":
         return est
     fixes = advise(arch, run, gpu_bytes)
-    advice = "; ".join(f"{f.flags()} (-> {gib(f.need)})" for f in fixes[:4]) or "none found: use a larger GPU"
+    advice = "; ".join(f"{f.flags(gpus)} (-> {gib(f.need)})" for f in fixes[:4]) or "none found: use a larger GPU"
     raise ConfigError(
-        f"preset '{cfg.preset}' does not fit this GPU: the planner estimates {gib(need)} "
+        f"preset '{cfg.preset}' does not fit this GPU: the planner estimates {gib(need)}"
+        f"{f' per GPU ({run.prompts} of {cfg.rollout.prompts_per_step} prompts on each of {gpus})' if gpus > 1 else ''} "
         f"(rollout peak {gib(est.phase_total('rollout'))} at {est.rollout_moment}, update peak "
         f"{gib(est.phase_total('update'))} at {est.update_moment}, + allocator and CUDA context) "
         f"for a {gib(gpu_bytes)} card. Cheapest changes that fit with {MARGIN:.0%} margin: {advice}. "

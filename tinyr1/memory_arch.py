@@ -121,12 +121,14 @@ class RunShape:
         return self.prompts * self.group_size
 
     @classmethod
-    def from_config(cls, cfg: Config, prompt_tokens: int = 160) -> RunShape:
+    def from_config(cls, cfg: Config, prompt_tokens: int = 160, *, gpus: int = 1) -> RunShape:
+        """The shape one GPU sees; with `gpus` > 1 (data-parallel, torchrun) each rolls out and
+        updates prompts_per_step / gpus prompts, and everything else is per GPU as before."""
         m, ro = cfg.model, cfg.rollout
         cuda = m.device != "cpu"
         dtype = m.dtype if m.dtype != "auto" else ("bf16" if cuda else "fp32")
         backend = m.kernels if m.kernels != "auto" else ("triton" if cuda else "torch")
-        return cls(prompts=ro.prompts_per_step, group_size=ro.num_generations,
+        return cls(prompts=max(ro.prompts_per_step // gpus, 1), group_size=ro.num_generations,
                    frames=min(cfg.video.num_frames, cfg.video.max_frames), prompt_tokens=prompt_tokens,
                    max_new_tokens=ro.max_new_tokens, micro_batch=cfg.train.micro_batch_size, lora_r=cfg.lora.r,
                    lora_targets=tuple(cfg.lora.target_modules), lora_dropout=cfg.lora.dropout, dtype=dtype,

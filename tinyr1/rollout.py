@@ -112,7 +112,7 @@ def sample_group(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     sync_every: int = 16,
     cuda_graphs: bool = False,
     on_step: Callable[[torch.Tensor], None] | None = None,
@@ -125,7 +125,9 @@ def sample_group(
     tokens). `cuda_graphs` replays each decode step from a captured CUDA graph (CUDA only; ignored
     elsewhere). `on_step(ids [B*G])` sees each step's tokens (streaming; costs a read per token).
     Randomness: exactly `max_new_tokens * B*G` uniforms from `generator`, row i at step t taking
-    u[t, i], however early rows finish.
+    u[t, i], however early rows finish. A list of B generators gives prompt b's rows
+    `torch.rand(T, G)` from generator b: what a call with that prompt alone would draw, so a
+    prompt's completions do not depend on the batch it is sampled in (data-parallel ranks).
     """
     if sync_every < 1:
         raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -140,8 +142,14 @@ def sample_group(
     step = GraphedStep(decoder) if cuda_graphs and dev.type == "cuda" else decoder.step
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # [B*G, V]
     del out, embeds
-    gen_device = "cpu" if generator is None else generator.device
-    uniforms = torch.rand(steps, n, generator=generator, device=gen_device).to(dev)  # [T, B*G]
+    if isinstance(generator, Sequence):
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for {b} prompts: pass one per prompt")
+        uniforms = torch.cat([torch.rand(steps, group_size, generator=g, device=g.device).to(dev)
+                              for g in generator], dim=1)  # [T, B*G]
+    else:
+        gen_device = "cpu" if generator is None else generator.device
+        uniforms = torch.rand(steps, n, generator=generator, device=gen_device).to(dev)  # [T, B*G]
     row = torch.arange(n, device=dev).view(b, group_size)  # [B_a, R] the completion in each slot
     done = torch.zeros(b, group_size, dtype=torch.bool, device=dev)  # [B_a, R]
     next_pos = mask.sum(-1)[:, None].expand(b, group_size)  # [B_a, R] RoPE position of the next token

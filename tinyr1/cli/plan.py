@@ -29,6 +29,9 @@ examples:
       the largest GPU preset that fits this machine's GPU, and why
   tinyr1 plan --preset auto --gpu-gb 12
       the same choice for a 12 GiB card (no GPU needed)
+  tinyr1 plan --preset 24gb --gpus 4
+      per-GPU memory of a data-parallel run on 4 GPUs (torchrun): each rolls out and updates 2 of the 8
+      prompts per step
 
 How to read it: each phase's peak is the largest of a few moments (rollout: encode a video,
 prefill, decode; update: log-prob forward/backward, backward through one checkpointed layer,
@@ -54,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
                    help="card size in GiB (default: from the preset name, e.g. 12gb -> 12)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="data-parallel GPUs (torchrun --nproc_per_node x nodes): memory is per GPU, each holding "
+                   "rollout.prompts_per_step / N prompts (default 1)")
     p.add_argument("--prompt-tokens", type=int, default=160, metavar="N",
                    help="text tokens per prompt: template + question + options + suffix (default 160)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -74,12 +80,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tinyr1.config_io import load_config
+    from tinyr1.distributed import check_prompts_divisible
     from tinyr1.errors import ConfigError
     from tinyr1.memory import GiB, advise, arch_for_config, estimate, gib, need_bytes, nominal_gpu_gb, verdict
     from tinyr1.memory_arch import MARGIN, RunShape
 
     if args.prompt_tokens < 1:
         raise ConfigError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
     console = Console()
     preset, gpu_gb = args.preset, args.gpu_gb
     if preset == "auto":
@@ -87,9 +96,11 @@ def run(args: argparse.Namespace) -> int:
         preset, card_bytes = resolve_auto_preset(args.overrides, console, gpu_bytes=gpu)
         gpu_gb = card_bytes / GiB  # judge against the card that was detected, not the preset's name
     cfg = load_config(args.config or preset, args.overrides)
-    arch, shape = arch_for_config(cfg), RunShape.from_config(cfg, args.prompt_tokens)
+    check_prompts_divisible(cfg.rollout.prompts_per_step, args.gpus)
+    arch, shape = arch_for_config(cfg), RunShape.from_config(cfg, args.prompt_tokens, gpus=args.gpus)
     est = estimate(arch, shape)
-    title = (f"{cfg.preset}: B={shape.prompts} prompts x G={shape.group_size}, {shape.frames} frames, "
+    per_gpu = f" per GPU ({cfg.rollout.prompts_per_step} over {args.gpus} GPUs)" if args.gpus > 1 else ""
+    title = (f"{cfg.preset}: B={shape.prompts} prompts{per_gpu} x G={shape.group_size}, {shape.frames} frames, "
              f"{shape.max_new_tokens} new tokens, micro-batch {shape.micro_batch}, LoRA r={shape.lora_r}, "
              f"{shape.quant}/{shape.dtype} on {shape.device}")
     if shape.backend != "peft" or shape.grad_checkpointing == "offload":
@@ -128,14 +139,18 @@ def run(args: argparse.Namespace) -> int:
     card = int(gpu_gb * GiB)
     result = verdict(need, card)
     colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}[result]
-    console.print(f"[bold {colour}]{result}[/]: needs {gib(need)} of a {gpu_gb:g} GiB card "
+    console.print(f"[bold {colour}]{result}[/]: needs {gib(need)} of a {gpu_gb:g} GiB card{' on each GPU' if args.gpus > 1 else ''} "
                   f"({need / card:.0%}; 'fits' means <= {1 - MARGIN:.0%})")
+    if args.gpus > 1:
+        console.print("  data-parallel: NCCL's own communication buffers (outside PyTorch's allocator, usually "
+                      "well under 1 GiB) are not counted; the gradient all-reduce runs after the backward, "
+                      "in 64 MB buckets, below the update's peak")
     if result != "fits":
         fixes = advise(arch, shape, card)
         if not fixes:
             console.print("no change of G, frames, new tokens, micro-batch, LoRA rank or prompts makes it fit")
         for fix in fixes:
-            console.print(f"  {fix.flags()}   -> {gib(fix.need)}")
+            console.print(f"  {fix.flags(args.gpus)}   -> {gib(fix.need)}")
     return 0
 
 

@@ -29,6 +29,9 @@ examples:
       the largest GPU preset the memory planner fits on this GPU (printed with the reason)
   tinyr1 train --resume runs/24gb-20261125-101500
       continue a stopped run exactly where its last checkpoint left it
+  torchrun --nproc_per_node 4 -m tinyr1 train --preset 24gb --set data.train=...
+      data-parallel on 4 GPUs: the same update as one GPU running all rollout.prompts_per_step
+      prompts (README, "More than one GPU")
 
 A run folder holds run.json (the run's id), config.toml (fully resolved), metrics.jsonl,
 completions.jsonl, eval.jsonl, checkpoints/step-N/ and final/ (the LoRA adapter for `tinyr1 eval` /
@@ -99,20 +102,23 @@ def _check_memory(cfg: Config, no_check: bool) -> None:
         return
     import torch
 
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(0).total_memory
+    from tinyr1 import distributed as dist
+
+    if torch.cuda.is_available():  # this rank's own GPU (torchrun: LOCAL_RANK)
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         gb = nominal_gpu_gb(cfg.preset)
         if gb is None:
             return
         gpu = int(gb * GiB)
-    check_fits(cfg, gpu)
+    check_fits(cfg, gpu, gpus=dist.world_size())  # each rank rolls out and updates its share of the prompts
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from tinyr1 import distributed as dist
     from tinyr1.config_io import load_config, resolve_output_dir
     from tinyr1.device import configure_cuda_allocator
     from tinyr1.errors import ConfigError
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     allocator = configure_cuda_allocator()  # before anything initializes CUDA
     threads_note = apply_threads(args.threads)  # load-aware default: a busy CPU slows, never stalls, a run
+    if dist.init_from_env() and not dist.is_main():  # under torchrun: rank 0 speaks for the run
+        console = Console(quiet=True)
     if threads_note:
         console.print(threads_note, highlight=False)
     if torch.cuda.is_available():
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         search = search_folders(str(run_dir / "config.toml"), args.rewards_path, recorded)
         check_custom_rewards(cfg, search, trust=args.trust_rewards, console=console,
                              run_files=(run_dir / "config.toml", run_dir / "run.json"))
-        prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
+        dist.main_first(lambda: prepare_demo_assets(cfg, console))  # first: the planner then sizes the tiny model
         _check_memory(cfg, args.no_check)
         out = train(cfg, resume=run_dir, console=console, rewards_path=search)
     else:
@@ -151,12 +159,16 @@ def run(args: argparse.Namespace) -> int:
             source, _ = resolve_auto_preset(args.overrides, console)
         if source is None:
             raise ConfigError("say what to train: --preset NAME (e.g. --preset tiny), --config FILE or --resume RUN_DIR")
-        cfg = resolve_output_dir(load_config(source, args.overrides))
-        check_fresh(Path(cfg.train.output_dir), force=args.force)  # before anything is made or loaded
-        check_writable(Path(cfg.train.output_dir), "train.output_dir")
+        cfg = dist.broadcast_object(resolve_output_dir(load_config(source, args.overrides)))  # rank 0's {time}
+
+        def checks() -> None:  # before anything is made or loaded
+            check_fresh(Path(cfg.train.output_dir), force=args.force)
+            check_writable(Path(cfg.train.output_dir), "train.output_dir")
+
+        dist.main_first(checks)
         search = search_folders(args.config, args.rewards_path)
         check_custom_rewards(cfg, search, trust=args.trust_rewards, console=console)
-        prepare_demo_assets(cfg, console)  # first: the planner then sizes the tiny model, not the 3B default
+        dist.main_first(lambda: prepare_demo_assets(cfg, console))  # first: the planner then sizes the tiny model
         _check_memory(cfg, args.no_check)
         out = train(cfg, console=console, force=args.force, rewards_path=search)
     from tinyr1.trainer import StopFlag
