@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ".tinyr1_cache/bench_ddp"  # its own tiny model and 64 clips, made by the first launch
 SETS = ["coldstart.enabled=false", "data.eval=none", "train.eval_every=0", "train.save_every=0",
         "log.progress=false", "log.completions_every=0", f"model.path={CACHE}/model",
-        f"data.train={CACHE}/data/train.jsonl", f"data.video_root={CACHE}/data", "data.synth_n=64",
+        f"data.train={CACHE}/data/train.jsonl", f"data.coldstart={CACHE}/data/coldstart.json",
+        f"data.video_root={CACHE}/data", "data.synth_n=64",
         "data.synth_eval_n=0"]
 
 
