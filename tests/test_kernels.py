@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tinyr1.cli import main
+from tinyr1.doctor import tiny_qwen2
 from tinyr1.errors import ConfigError, DeviceError
 from tinyr1.kernels import apply_liger, resolve_backend, token_logprobs
 from tinyr1.kernels import bench as kernels_bench
@@ -303,19 +303,8 @@ def test_triton_tile_must_be_a_power_of_two() -> None:
         token_logprobs(h, w, t, backend="triton", chunk_size=48)
 
 
-def _tiny_qwen2(device: str, seed: int = 0) -> torch.nn.Module:
-    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = Qwen2ForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2, generator=gen)  # RMSNorm weights too, so a wrong norm shows
-    return model.to(device)
-
-
 def test_apply_liger_does_nothing_on_cpu() -> None:
-    model = _tiny_qwen2("cpu")
+    model = tiny_qwen2("cpu")
     before = [type(m).__name__ for m in model.modules()]
     assert apply_liger(model) is False
     assert [type(m).__name__ for m in model.modules()] == before
@@ -353,7 +342,7 @@ def test_liger_that_fails_to_import_is_unavailable_with_the_reason(tmp_path: Pat
     reason = liger_unavailable_reason()
     assert reason is not None and "liger-kernel 0.5.6" in reason and "_CONFIG_FOR_DOC" in reason
     assert f"liger-kernel>={LIGER_MIN_VERSION}" in reason
-    assert apply_liger(_tiny_qwen2("cpu")) is False
+    assert apply_liger(tiny_qwen2("cpu")) is False
 
 
 def test_liger_available_imports_the_names_tinyr1_uses(fresh_liger_import: None) -> None:
@@ -372,7 +361,7 @@ def test_liger_floor_in_the_extras() -> None:
 @pytest.mark.gpu
 def test_liger_patches_this_instance_only_and_matches_on_cuda() -> None:
     pytest.importorskip("liger_kernel", reason=NO_LIGER)
-    model = _tiny_qwen2("cuda")
+    model = tiny_qwen2("cuda")
     fused = copy.deepcopy(model)
     keys = list(fused.state_dict())
     params = {id(p) for p in fused.parameters()}
@@ -390,7 +379,7 @@ def test_liger_patches_this_instance_only_and_matches_on_cuda() -> None:
     out.square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
         assert _rel(q.grad, p.grad.double()) < 1e-3, name
-    llama = _tiny_qwen2("cuda")
+    llama = tiny_qwen2("cuda")
     llama.config.model_type = "llama"
     with pytest.raises(ValueError, match="Qwen2"):
         apply_liger(llama)

@@ -7,20 +7,15 @@ new GPU should show whether they agree with their references there, before hours
 Each check is a small function `check_*(probe) -> Check` that compares one fast path with its
 reference (or runs two real GRPO steps) and says PASS, FAIL or SKIP with the reason; a check that
 raises becomes a FAIL carrying the message (`run_checks`). Checks that need CUDA SKIP on a CPU and
-say so; the Triton interpreter is never used here (the tests use it). `environment()` lists
-versions and the GPU. The CLI (`tinyr1/cli/doctor.py`) prints both and exits non-zero on a FAIL.
+say so; the Triton interpreter is never used here (the tests use it). `tinyr1.environment`
+lists versions and the GPU. The CLI (`tinyr1/cli/doctor.py`) prints both and exits non-zero on a FAIL.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import math
 import os
-import platform
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +26,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tinyr1 import __version__
 from tinyr1.config_io import load_config
 from tinyr1.context import Context
 from tinyr1.feed import SampleFeeder
@@ -47,7 +41,6 @@ from tinyr1.trainer import grpo_step, rollout_step, update_step
 
 Status = Literal["PASS", "FAIL", "SKIP"]
 NEEDS_CUDA = "needs a CUDA GPU"
-PACKAGES = ("transformers", "peft", "accelerate", "bitsandbytes", "triton", "liger-kernel", "decord", "av")
 
 
 @dataclass(frozen=True)
@@ -233,7 +226,8 @@ def check_logprob_triton(probe: Probe) -> Check:
     return Check("logprob-triton", status, detail)
 
 
-def _tiny_qwen2(device: torch.device, seed: int = 0) -> nn.Module:
+def tiny_qwen2(device: torch.device | str, seed: int = 0) -> nn.Module:
+    """A 2-layer Qwen2 with wide random weights (the liger check here, the liger tests on the CPU)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -254,7 +248,7 @@ def check_liger(probe: Probe) -> Check:
     _needs_cuda(probe, "liger's kernels are CUDA only")
     if not liger_available():
         raise Skipped("liger-kernel is not installed (optional: pip install 'tinyr1[kernels]'); training runs unfused")
-    model = _tiny_qwen2(probe.device)
+    model = tiny_qwen2(probe.device)
     fused = copy.deepcopy(model)
     if not apply_liger(fused):
         raise RuntimeError("apply_liger changed nothing on a CUDA Qwen2 model")
@@ -520,65 +514,6 @@ def run_checks(only: Sequence[str] | None = None, *, device: torch.device | None
                 result = Check(name, "FAIL", f"{type(err).__name__}: {err}")
             results.append(replace(result, name=name, seconds=time.perf_counter() - t0))
     return results
-
-
-# ---------------------------------------------------------------- the environment
-
-
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _driver() -> str:
-    """The NVIDIA driver version (nvidia-smi), or how far we got."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return "nvidia-smi not found"
-    try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"nvidia-smi failed: {err}"
-    return out[0] if out else "unknown"
-
-
-def environment() -> list[tuple[str, str]]:
-    """(what, value) rows: Python, torch and its CUDA build, the GPU, and the packages training uses."""
-    rows = [
-        ("tinyr1", __version__),
-        ("python", f"{platform.python_version()} ({sys.executable})"),
-        ("platform", f"{platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"),
-        ("torch", f"{torch.__version__}, CUDA build {torch.version.cuda or 'none (CPU-only build)'}"),
-    ]
-    if torch.cuda.is_available():
-        rows.append(("driver", _driver()))
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            rows.append((f"GPU {i}", f"{p.name}, {p.total_memory / GiB:.1f} GiB, compute capability "
-                                     f"{p.major}.{p.minor}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"))
-    else:
-        rows.append(("GPU", "none visible (torch.cuda.is_available() is False): GPU checks SKIP"))
-    rows += [(name, package_version(name)) for name in PACKAGES]
-    rows.append(("unsloth", _unsloth_row()))
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        rows.append(("TRITON_INTERPRET", "1: Triton kernels are interpreted (fine for tests on a CPU, not for training)"))
-    return rows
-
-
-def _unsloth_row() -> str:
-    """unsloth's version and whether its kernels are active in this process, without importing it."""
-    from tinyr1.backends.unsloth import UNSLOTH_VERSION, unsloth_version
-
-    version = unsloth_version()
-    if version is None:
-        return "not installed (optional: model.backend = 'unsloth', pip install 'tinyr1[unsloth]')"
-    pinned = "" if version == UNSLOTH_VERSION else f", tinyr1 is tested with {UNSLOTH_VERSION}"
-    active = "imported in this process" if "unsloth" in sys.modules else "not imported yet"
-    return (f"{version} (unsloth_zoo {package_version('unsloth_zoo')}{pinned}); kernels {active}: "
-            "the 'unsloth' check binds them on a GPU")
 
 
 def summary(results: Sequence[Check]) -> str:

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from tinyr1.doctor import CHECK_NAMES, environment, run_checks, summary, to_json
+    from tinyr1.doctor import CHECK_NAMES, run_checks, summary, to_json
+    from tinyr1.environment import environment
     from tinyr1.errors import ConfigError
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
