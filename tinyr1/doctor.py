@@ -419,13 +419,13 @@ def check_unsloth(probe: Probe) -> Check:
         INSTALL_HINT,
         bind_unsloth,
         bound_layers,
-        check_unsloth,
         unsloth_version,
     )
+    from tinyr1.backends.unsloth import check_unsloth as probe_unsloth_install
 
     if unsloth_version() is None:
         raise Skipped(f"unsloth is not installed (optional, for model.backend = 'unsloth'): {INSTALL_HINT}")
-    version = check_unsloth(probe.device, "nf4")  # raises with the reason when its NF4 path fails here
+    version = probe_unsloth_install(probe.device, "nf4")  # raises with the reason when its NF4 path fails here
     import copy
 
     from tinyr1.logprobs import _additive_mask, prefix_mask
