@@ -105,6 +105,12 @@ class DataConfig:
     synth_eval_n: int = _f(500, "synthetic held-out samples", ge=0)
     synth_seed: int = _f(0, "seed of the synthetic data (independent of train.seed)", ge=0, le=SEED_MAX,
                          why=SEED_WHY)
+    synth_tasks: list[str] = _f(
+        help="synthetic question types, mixed evenly: color, count, position (one frame answers them) or "
+        "first, last, direction, changes (they need several frames); \"temporal\" = the last four",
+        factory=lambda: ["color"], nonempty=True,
+    )
+    synth_coldstart_n: int = _f(64, "annotated synthetic clips for the cold start", ge=0)
 
 
 @dataclass(frozen=True)

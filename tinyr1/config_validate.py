@@ -347,6 +347,17 @@ def _synth_target(c: Config) -> str | None:
     )
 
 
+@_rule("data.synth_tasks", "data.synth")
+def _synth_tasks(c: Config) -> str | None:
+    from tinyr1.synth import TASK_GROUPS, TASKS
+
+    unknown = [t for t in c.data.synth_tasks if t not in TASKS and t not in TASK_GROUPS]
+    if not c.data.synth or not unknown:
+        return None
+    return (f"data.synth_tasks has unknown task(s) {', '.join(map(repr, unknown))}; "
+            f"fix: choose from {', '.join([*TASKS, *TASK_GROUPS])}")
+
+
 @_rule("train.eval_every", "data.eval")
 def _eval_data(c: Config) -> str | None:
     if c.train.eval_every == 0 or c.data.eval is not None:

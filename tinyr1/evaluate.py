@@ -77,10 +77,12 @@ class EvalResult:
     @property
     def stderr(self) -> float:
         """Standard error of the accuracy over samples (binomial approximation)."""
-        if self.n == 0:
-            return 0.0
-        p = self.accuracy
-        return (p * (1 - p) / self.n) ** 0.5
+        return binomial_stderr(self.accuracy, self.n)
+
+
+def binomial_stderr(p: float, n: float) -> float:
+    """Standard error of an accuracy p measured on n independent clips (0 when n is 0)."""
+    return (p * (1 - p) / n) ** 0.5 if n else 0.0
 
 
 def prompt_tensor(tokenizer: Any, question: str, mode: str) -> torch.Tensor:

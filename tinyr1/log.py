@@ -339,7 +339,11 @@ class RunLogger:
         """Append an evaluation result (e.g. `accuracy`) to eval.jsonl; `tinyr1 report` plots it."""
         with (self.run_dir / EVAL_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": int(step), **_to_json_value(metrics)}) + "\n")
-        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if not isinstance(v, dict))
+        by = metrics.get("by_category") or {}
+        if by:  # greedy / sampled per category, one compact clause
+            parts += "; greedy/sampled by category: " + ", ".join(
+                f"{name} {_fmt(c['accuracy'])}/{_fmt(c['sampled_accuracy'])}" for name, c in by.items())
         self.console.print(f"eval after {step} GRPO steps: {parts}", highlight=False, markup=False)
 
     @staticmethod
@@ -450,6 +454,22 @@ def _not_logged(ax: Any, title: str, what: str) -> None:
     ax.set_yticks([])
 
 
+def _draw_categories(ax: Any, evals: list[dict[str, Any]], categories: list[str]) -> None:
+    """Held-out accuracy per category after each evaluation: greedy solid, sampled dotted, one
+    colour per category."""
+    for name in categories:
+        rows = [(r["step"], r["by_category"][name]) for r in evals if name in (r.get("by_category") or {})]
+        steps = [step for step, _ in rows]
+        line = ax.plot(steps, [c["accuracy"] for _, c in rows], "s-", markersize=4, label=f"{name} (greedy)")[0]
+        ax.plot(steps, [c["sampled_accuracy"] for _, c in rows], "o:", color=line.get_color(), markersize=3,
+                label=f"{name} (sampled)")
+    ax.set_title("held-out accuracy by category (step 0 = after the cold start)")
+    ax.set_xlabel("GRPO steps")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=max(1, len(categories)))
+
+
 def plot_run(run_dir: Path | str, out_png: Path | str | None = None) -> Path:
     """Draw reward, accuracy, completion length and KL curves of a run to a PNG; returns its path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -459,19 +479,25 @@ def plot_run(run_dir: Path | str, out_png: Path | str | None = None) -> Path:
     rows = read_metrics(run_dir)
     evals = read_eval(run_dir)
     out = Path(out_png) if out_png is not None else run_dir / "curves.png"
-    fig = Figure(figsize=(11, 7.5), dpi=110)
+    categories = list(dict.fromkeys(c for r in evals for c in (r.get("by_category") or {})))
+    fig = Figure(figsize=(11, 11 if categories else 7.5), dpi=110)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
+    if categories:  # a third, wide panel: held-out accuracy per question category
+        grid = fig.add_gridspec(3, 2)
+        axes = [[fig.add_subplot(grid[i, j]) for j in range(2)] for i in range(2)]
+        _draw_categories(fig.add_subplot(grid[2, :]), evals, categories)
+    else:
+        axes = fig.subplots(2, 2)
     keys = sorted({k for r in rows for k in r})
 
     reward_keys = ["reward"] + [k for k in keys if k.startswith("rewards/") and k.endswith("/mean")]
-    if _draw(axes[0, 0], rows, reward_keys, "reward"):
-        axes[0, 0].legend(fontsize=7)
+    if _draw(axes[0][0], rows, reward_keys, "reward"):
+        axes[0][0].legend(fontsize=7)
     else:
-        _not_logged(axes[0, 0], "reward", "reward")
+        _not_logged(axes[0][0], "reward", "reward")
 
     acc_key = next((k for k in ACCURACY_KEYS if k in keys), None)
-    ax = axes[0, 1]
+    ax = axes[0][1]
     drawn = _draw(ax, rows, [acc_key], "accuracy") if acc_key else False
     # eval rows count GRPO steps done (0 = after the cold start), like the metric x axis (step + 1)
     for key, style, label in (("accuracy", "s--", "eval accuracy (greedy)"),
@@ -486,10 +512,10 @@ def plot_run(run_dir: Path | str, out_png: Path | str | None = None) -> Path:
     else:
         _not_logged(ax, "accuracy", " or ".join(ACCURACY_KEYS))
 
-    if not _draw(axes[1, 0], rows, ["completions/mean_length"], "completion length (tokens)"):
-        _not_logged(axes[1, 0], "completion length", "completions/mean_length")
-    if not _draw(axes[1, 1], rows, ["kl"], "KL to reference"):
-        _not_logged(axes[1, 1], "KL to reference", "kl; beta = 0 runs have no reference")
+    if not _draw(axes[1][0], rows, ["completions/mean_length"], "completion length (tokens)"):
+        _not_logged(axes[1][0], "completion length", "completions/mean_length")
+    if not _draw(axes[1][1], rows, ["kl"], "KL to reference"):
+        _not_logged(axes[1][1], "KL to reference", "kl; beta = 0 runs have no reference")
 
     fig.suptitle(f"{run_dir.resolve().name}: {len(rows)} steps")
     fig.tight_layout()

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -33,7 +34,7 @@ from tinyr1.config_validate import check_trainable
 from tinyr1.context import Context, build_context, frames_loader, load_split, total_steps
 from tinyr1.data import Sample
 from tinyr1.errors import DiskError
-from tinyr1.evaluate import EvalResult, evaluate
+from tinyr1.evaluate import EvalResult, binomial_stderr, evaluate
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import QuietLogger, RunLogger, read_eval
 from tinyr1.model.loading import trainable_parameters
@@ -204,8 +205,15 @@ def held_out_accuracy(ctx: Context, samples: list[Sample], load: Callable[[Sampl
     greedy = gather_eval(evaluate(ctx.model, ctx.tokenizer, samples[start:end], temperature=0.0, **common), 1)
     sampled = gather_eval(evaluate(ctx.model, ctx.tokenizer, samples[start:end], temperature=ro.temperature,
                                    num_samples=num_samples, top_k=ro.top_k, top_p=ro.top_p, **common), num_samples)
-    out = {"accuracy": greedy.accuracy, "accuracy_stderr": greedy.stderr, "format_rate": greedy.format_rate,
-           "sampled_accuracy": sampled.accuracy, "n": greedy.n}
+    out: dict[str, Any] = {"accuracy": greedy.accuracy, "accuracy_stderr": greedy.stderr,
+                           "format_rate": greedy.format_rate, "sampled_accuracy": sampled.accuracy, "n": greedy.n}
+    sampled_by = sampled.by_category()
+    if sampled_by:  # {category: {n clips, greedy accuracy, its standard error, sampled accuracy}}
+        out["by_category"] = {
+            name: {"n": int(g["n"]), "accuracy": g["accuracy"], "accuracy_stderr": binomial_stderr(g["accuracy"], g["n"]),
+                   "sampled_accuracy": sampled_by[name]["accuracy"]}
+            for name, g in greedy.by_category().items()
+        }
     if greedy.skipped:
         out["skipped"] = len(greedy.skipped)  # unreadable videos, listed once in the log
     return out, greedy.skipped

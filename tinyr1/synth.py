@@ -43,6 +43,11 @@ class Task:
     options: tuple[str, ...]
     render: Render
     thinks: tuple[str, ...]
+    category: str = ""  # the eval's per-category column; the task name when empty
+
+    @property
+    def group(self) -> str:
+        return self.category or self.name
 
 
 def _canvas(rng: np.random.Generator, frames: int, size: int) -> np.ndarray:
@@ -62,18 +67,70 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
     return _jittered(rng, list(PALETTE.values())[int(rng.integers(len(PALETTE)))])
 
 
-def _render_color(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
-    """One square of colour k wandering (bouncing) around the frame."""
-    video, side = _canvas(rng, frames, size), max(4, size // 4)
-    color = _jittered(rng, PALETTE[list(PALETTE)[k]])
+def _wander(rng: np.random.Generator, video: np.ndarray, colors: Sequence[np.ndarray]) -> None:
+    """One square wandering (bouncing) around the frame, colour colors[t] in frame t."""
+    size = video.shape[1]
+    side = max(4, size // 4)
     pos = rng.integers(0, size - side + 1, size=2)
     vel = rng.integers(-2, 3, size=2)
-    for t in range(frames):
+    for t, color in enumerate(colors):
         _draw(video, t, int(pos[0]), int(pos[1]), side, color)
         nxt = pos + vel
         vel = np.where((nxt < 0) | (nxt > size - side), -vel, vel)
         pos = np.clip(pos + vel, 0, size - side)
+
+
+def _render_color(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """One square of colour k wandering (bouncing) around the frame."""
+    video = _canvas(rng, frames, size)
+    _wander(rng, video, [_jittered(rng, PALETTE[list(PALETTE)[k]])] * frames)
     return video, {}
+
+
+def _segments(rng: np.random.Generator, frames: int, parts: int) -> np.ndarray:
+    """Frame t's segment index [T]: `parts` runs of random lengths >= 1 (all compositions equally likely)."""
+    if parts > frames:
+        raise ValueError(f"{parts} colour runs need at least {parts} frames, got {frames}")
+    cuts = np.sort(rng.choice(np.arange(1, frames), size=parts - 1, replace=False))
+    return np.searchsorted(cuts, np.arange(frames), side="right")  # [T] in 0..parts-1
+
+
+def _sequence_video(rng: np.random.Generator, names: list[str], frames: int, size: int) -> np.ndarray:
+    """A wandering square showing the colours `names` in runs of random lengths."""
+    video = _canvas(rng, frames, size)
+    colors = [_jittered(rng, PALETTE[n]) for n in names]
+    _wander(rng, video, [colors[i] for i in _segments(rng, frames, len(names))])
+    return video
+
+
+def _render_order(last: bool) -> Render:
+    """The square shows all four colours, one run each in a random order; the answer k is the first
+    (or last) run's colour. Each colour fills a quarter of the frames on average, so one frame
+    chosen at random tells nothing about which came first: only the order of frames does."""
+
+    def render(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+        names = list(PALETTE)
+        answer = names[k]
+        rest = [names[int(i)] for i in rng.permutation([j for j in range(len(names)) if j != k])]
+        order = rest + [answer] if last else [answer] + rest
+        video = _sequence_video(rng, order, frames, size)
+        return video, {"first": order[0], "second": order[1], "before": order[-2], "last": order[-1],
+                       "Before": order[-2].capitalize()}
+
+    return render
+
+
+def _render_changes(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """The square changes colour k times (k + 1 runs, each a colour other than the run before it's).
+    Every run's colour is uniform over the palette, so one frame tells nothing about k."""
+    names = list(PALETTE)
+    seq = [names[int(rng.integers(len(names)))]]
+    for _ in range(k):
+        seq.append(names[(names.index(seq[-1]) + int(rng.integers(1, len(names)))) % len(names)])
+    video = _sequence_video(rng, seq, frames, size)
+    sequence = ", ".join(seq)
+    return video, {"sequence": sequence, "Sequence": sequence[:1].upper() + sequence[1:],
+                   "changes": "change" if k == 1 else "changes"}
 
 
 def _render_count(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
@@ -139,10 +196,36 @@ TASKS: dict[str, Task] = {
     ),
     "direction": Task(
         "direction", "Which way does the square move?", ("left", "right", "up", "down"), _render_direction,
-        ("The square starts at the {start} and ends at the {end}, so it moves {option}. That is option {letter}.",
-         "The square moves {option} from the {start} to the {end}, so the answer is {letter}."),
+        ("From the {start} to the {end}: {option}.", "It goes {option}, from the {start} to the {end}."),
+    ),
+    "first": Task(
+        "first", "Which colour does the square have first?", tuple(PALETTE), _render_order(last=False),
+        ("It is {first} first, then {second}.", "First {first}, then {second}."),
+        category="order",
+    ),
+    "last": Task(
+        "last", "Which colour does the square have last?", tuple(PALETTE), _render_order(last=True),
+        ("It is {before}, then {last} last.", "{Before}, then {last} at the end."),
+        category="order",
+    ),
+    "changes": Task(
+        "changes", "How many times does the square change colour?", ("0", "1", "2", "3"), _render_changes,
+        ("{Sequence}: {option} {changes}.", "It is {sequence}: {option} {changes}."),
     ),
 }
+# Names for several tasks at once: the questions that need more than one frame (docs/BENCHMARKS.md,
+# "Temporal demo").
+TASK_GROUPS: dict[str, tuple[str, ...]] = {"temporal": ("first", "last", "direction", "changes")}
+
+
+def expand_tasks(names: Sequence[str]) -> list[str]:
+    """Task names with each group name replaced by its tasks, in order, without repeats."""
+    out: list[str] = []
+    for name in names:
+        for task in TASK_GROUPS.get(name, (name,)):
+            if task not in out:
+                out.append(task)
+    return out
 
 
 def think_text(task: Task, k: int, template: int, evidence: dict[str, str]) -> str:
@@ -160,13 +243,11 @@ def corpus_texts() -> list[str]:
         problem = question_with_options(task.question, list(task.options))
         texts += [build_prompt(problem, mode="train"), build_prompt(problem, mode="eval")]
         for k in range(len(task.options)):
-            n = k + 1
-            ev = {"squares": "square" if n == 1 else "squares", "are": "is" if n == 1 else "are"}
-            if task.name == "direction":
-                ev = dict(zip(("start", "end"), _DIRECTION_ENDS[k]))
             for j in range(len(task.thinks)):
-                letter = chr(ord("A") + k)
-                texts.append(f"<think>{think_text(task, k, j, ev)}</think> <answer>{letter}</answer>")
+                for draw in range(2):  # evidence as the renderer words it (a 16 px clip is enough)
+                    _, ev = task.render(np.random.default_rng([k, j, draw]), k, 8, 16)
+                    letter = chr(ord("A") + k)
+                    texts.append(f"<think>{think_text(task, k, j, ev)}</think> <answer>{letter}</answer>")
     return texts
 
 
@@ -278,6 +359,7 @@ def write_synthetic(
     folder and renamed into place when complete, so an interrupted write leaves no half set and no
     user file is ever replaced.
     """
+    tasks = expand_tasks(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise DataError(f"unknown synthetic task(s) {unknown or '(none given)'}; choose from {', '.join(TASKS)}")
@@ -316,7 +398,7 @@ def _write_set(out: Path, n: int, seed: int, tasks: list[str], frames: int, size
     _write_jsonl(out / "train.jsonl", [
         {"id": it.id, "problem": question_with_options(it.task.question, list(it.task.options)),
          "solution": f"<answer>{chr(ord('A') + it.k)}</answer>", "video_filename": f"./{it.video_rel}",
-         "task": it.task.name}
+         "task": it.task.name, "category": it.task.group}
         for it in train
     ])
     cold = _make_split(out, "coldstart", 2, coldstart_n, seed, tasks, frames, size)
@@ -333,6 +415,7 @@ def _write_set(out: Path, n: int, seed: int, tasks: list[str], frames: int, size
     held = _make_split(out, "eval", 3, eval_n, seed, tasks, frames, size)
     _write_jsonl(out / "eval.jsonl", [
         {"id": it.id, "video": it.video_rel, "question": it.task.question, "options": list(it.task.options),
-         "answer": chr(ord("A") + it.k), "task": it.task.name}
+         "answer": chr(ord("A") + it.k), "task": it.task.name,
+         "category": it.task.group}
         for it in held
     ])

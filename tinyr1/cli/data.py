@@ -14,7 +14,8 @@ _DESCRIPTION = """\
 Datasets: create the synthetic demo set, or check a real one before training.
 
   synth   writes real H.264 clips of simple scenes with a verifiable answer (colour, count,
-          position, direction of a square), a GRPO JSONL in the paper's format (train.jsonl),
+          position of a square, which one frame shows; or its first / last colour, direction of
+          motion, number of colour changes, which need several frames), a GRPO JSONL in the paper's format (train.jsonl),
           a cold-start JSON (coldstart.json) and a held-out eval set (eval.jsonl).
   check   validates every row and opens every video; prints counts, durations, frame counts
           and the answer-letter balance, lists every bad row/video; exit code 1 if any is bad.
@@ -22,6 +23,7 @@ Datasets: create the synthetic demo set, or check a real one before training.
 Examples:
   tinyr1 data synth data/synth --n 2000 --seed 0
   tinyr1 data synth data/mix --n 1000 --tasks color,count,position --eval-n 200
+  tinyr1 data synth data/time --n 2000 --tasks temporal    # first,last,direction,changes
   tinyr1 data check data/synth/train.jsonl
   tinyr1 data check nextqa_0-30s.jsonl --video-root videos/
 """
@@ -45,7 +47,8 @@ def register(subparsers: Any) -> None:
     synth.add_argument("--n", type=int, default=2000, help="training clips (default 2000)")
     synth.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same data (default 0)")
     synth.add_argument("--tasks", default="color",
-                       help="comma-separated tasks: color, count, position, direction (default color)")
+                       help="comma-separated tasks: color, count, position (one frame answers them); first, last, "
+                       "direction, changes (they need several frames); temporal = those four (default color)")
     synth.add_argument("--frames", type=int, default=8, help="frames per clip (default 8)")
     synth.add_argument("--size", type=int, default=32, help="frame width = height in pixels, even (default 32)")
     synth.add_argument("--eval-n", type=int, default=500, help="held-out eval clips (default 500)")
@@ -65,6 +68,24 @@ def register(subparsers: Any) -> None:
                        help="row format (default: detected from the first row)")
     check.add_argument("--frames", type=int, default=16, help="frames to decode per video (default 16)")
     check.set_defaults(func=_check)
+
+    probe = sub.add_parser(
+        "probe", help="does one frame answer the questions? (linear probe on the vision features)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fit a linear probe per task on the model's frozen vision features, from ONE frame chosen at\n"
+        "random and from ALL frames in order, on TRAIN; score both on EVAL. A video question leaves\n"
+        "the one-frame probe near chance; the all-frames probe is the control that the evidence is\n"
+        "in the features at all.\n\n"
+        "Example:\n  tinyr1 data probe data/time/train.jsonl data/time/eval.jsonl --model .tinyr1_cache/tiny-video/model",
+    )
+    probe.add_argument("train", metavar="TRAIN", help="dataset the probes are fit on (.jsonl / .json)")
+    probe.add_argument("eval", metavar="EVAL", help="held-out dataset they are scored on")
+    probe.add_argument("--model", required=True, help="checkpoint folder whose vision tower gives the features")
+    probe.add_argument("--video-root", default=None, help="folder relative video paths resolve against "
+                       "(default: each file's folder)")
+    probe.add_argument("--frames", type=int, default=8, help="frames per clip (default 8)")
+    probe.add_argument("--limit", type=int, default=0, help="use at most this many training rows (0 = all)")
+    probe.set_defaults(func=_probe)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -166,4 +187,32 @@ def _check(args: argparse.Namespace) -> int:
                       f"bad videos and stops when more than data.max_bad_fraction of them are bad")
         return 1
     console.print("[green]all rows and videos are usable[/]")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tinyr1.data import load_dataset
+    from tinyr1.frame_probe import probe_tasks
+    from tinyr1.model.loading import load_tinyllava
+    from tinyr1.video import load_frames
+
+    console = Console()
+    train = load_dataset(args.train, video_root=args.video_root)
+    held_out = load_dataset(args.eval, video_root=args.video_root)
+    if args.limit:
+        train = train[: args.limit]
+    model = load_tinyllava(args.model, device="cpu", dtype="fp32", load_tokenizer=False).model
+    size = model.cfg.image_size
+    with console.status(f"probing {len(train)} training and {len(held_out)} held-out clips ..."):
+        results = probe_tasks(model, train, held_out, lambda s: load_frames(s.video, args.frames, size))
+    table = Table(title=f"linear probe on the vision features ({args.frames} frames, held-out accuracy ± se)")
+    for col in ("task", "category", "chance", "one random frame", "all frames", "clips (train / eval)"):
+        table.add_column(col, justify="left" if col in ("task", "category") else "right")
+    for r in results:
+        table.add_row(r.task, r.category, f"{r.chance:.2f}", f"{r.one_frame:.3f} ± {r.one_frame_stderr:.3f}",
+                      f"{r.all_frames:.3f} ± {r.all_frames_stderr:.3f}", f"{r.n_train} / {r.n_eval}")
+    console.print(table)
     return 0

@@ -102,6 +102,28 @@ def handler(args: argparse.Namespace) -> int:
             f"{k} {_fmt(float(v))}" for k, v in ev.items() if k != "step" and isinstance(v, int | float)
         )
         console.print(f"eval after {ev['step']} GRPO steps: {parts}")
+    _category_table(read_eval(args.run_dir), console)
     out = plot_run(args.run_dir, args.out)
     console.print(f"curves: {out}")
     return 0
+
+
+def _category_table(evals: list[dict[str, Any]], console: Any) -> None:
+    """Held-out accuracy per category at the first and last evaluation (greedy ± se, sampled)."""
+    from rich.table import Table
+
+    with_cats = [e for e in evals if e.get("by_category")]
+    if not with_cats:
+        return
+    first, last = with_cats[0], with_cats[-1]
+    table = Table(title=f"held-out accuracy by category (after {first['step']} -> after {last['step']} GRPO steps)")
+    for col in ("category", "clips", "greedy before", "greedy after", "sampled before", "sampled after", "sampled gain"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    for name, a in first["by_category"].items():
+        b = last["by_category"].get(name)
+        if b is None:
+            continue
+        table.add_row(name, str(int(b["n"])), f"{a['accuracy']:.3f} ± {a['accuracy_stderr']:.3f}",
+                      f"{b['accuracy']:.3f} ± {b['accuracy_stderr']:.3f}", f"{a['sampled_accuracy']:.3f}",
+                      f"{b['sampled_accuracy']:.3f}", f"{b['sampled_accuracy'] - a['sampled_accuracy']:+.3f}")
+    console.print(table)

@@ -208,7 +208,7 @@ def prepare_demo_assets(cfg: Config, console: Console) -> None:
     if data_dir is not None:
         console.print(f"writing {d.synth_n} synthetic training clips (+{d.synth_eval_n} held out) to {data_dir}")
         write_synthetic(data_dir, d.synth_n, d.synth_seed, frames=cfg.video.num_frames, size=size,
-                        eval_n=d.synth_eval_n)
+                        eval_n=d.synth_eval_n, tasks=d.synth_tasks, coldstart_n=d.synth_coldstart_n)
 
 
 def print_eval_summary(run_dir: Path, samples: int, console: Console) -> None:

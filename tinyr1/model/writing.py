@@ -83,13 +83,14 @@ def write_checkpoint(
     return out
 
 
-def tiny_config(vocab_size: int, eos_id: int, *, image_size: int = 32, frames: int = 8) -> dict[str, Any]:
+def tiny_config(vocab_size: int, eos_id: int, *, image_size: int = 32, frames: int = 8,
+                connector: str = "groupresampler") -> dict[str, Any]:
     """config.json of a tiny TinyLLaVA-Video (SigLIP 32px/patch 8/64 wide, Qwen2 128 wide x 4)."""
     hidden = 128
     return {
         "model_type": "tinyllava",
         "architectures": ["TinyLlavaForConditionalGeneration"],
-        "connector_type": "groupresampler",
+        "connector_type": connector,
         "group": frames,
         "num_queries": frames * 4,
         "num_resampler_layers": 2,
@@ -143,7 +144,8 @@ def tiny_config(vocab_size: int, eos_id: int, *, image_size: int = 32, frames: i
 
 
 def write_tiny_checkpoint(
-    out_dir: str | Path, *, seed: int = 0, frames: int = 8, image_size: int = 32, max_shard_bytes: int | None = None
+    out_dir: str | Path, *, seed: int = 0, frames: int = 8, image_size: int = 32, max_shard_bytes: int | None = None,
+    connector: str = "groupresampler",
 ) -> Path:
     """A randomly initialised tiny checkpoint in the exact original layout, tokenizer included."""
 
@@ -151,7 +153,7 @@ def write_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(out)
     tok = load_tokenizer(out)
-    raw = tiny_config(len(tok), tok.eos_token_id, image_size=image_size, frames=frames)
+    raw = tiny_config(len(tok), tok.eos_token_id, image_size=image_size, frames=frames, connector=connector)
     torch.manual_seed(seed)
     model = TinyLlavaVideo(TinyLlavaConfig.from_dict(raw), truncate_vision=False)
     state = model.state_dict()
