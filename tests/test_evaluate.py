@@ -39,7 +39,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_answer_adapter(model, paths["train"], root / "adapter")
     rows = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
     for i, row in enumerate(rows):  # two categories, so the per-category table has something to split
-        row["task"] = "color" if i % 2 == 0 else "colour-again"
+        row["category"] = "color" if i % 2 == 0 else "colour-again"
     missing = dict(rows[0], id="gone", video="videos/not_there.mp4")
     lines = [json.dumps(r) for r in rows[:6]] + [json.dumps(missing), '{"video": "x.mp4"}']
     lines += [json.dumps(r) for r in rows[6:]]
@@ -133,3 +133,22 @@ def test_bad_arguments_are_reported(assets: dict[str, Path], tmp_path: Path,
     empty.write_text('{"video": "x.mp4"}\n')
     code = main(["eval", "--model", str(assets["model"]), "--data", str(empty), "--out", str(tmp_path / "d.jsonl")])
     assert code == 2 and "no readable rows" in capsys.readouterr().err
+
+
+def test_clip_stderr_counts_clips_not_completions() -> None:
+    import random
+
+    from tinyr1.evaluate import binomial_stderr, clip_stderr
+
+    rng = random.Random(3)
+    greedy = [{"correct": rng.random() < 0.3} for _ in range(200)]
+    p = sum(r["correct"] for r in greedy) / 200
+    assert clip_stderr(greedy) == pytest.approx(binomial_stderr(p, 200), rel=1e-12)
+    # 4 samples per clip (consecutive rows): the standard error over clips of their fraction correct
+    sampled = [{"correct": rng.random() < (0.9 if i % 2 else 0.1)} for i in range(100) for _ in range(4)]
+    fractions = [sum(r["correct"] for r in sampled[4 * i : 4 * i + 4]) / 4 for i in range(100)]
+    mu = sum(fractions) / 100
+    naive = (sum((f - mu) ** 2 for f in fractions) / 100) ** 0.5 / 100**0.5
+    assert clip_stderr(sampled, 4) == pytest.approx(naive, rel=1e-12)
+    assert clip_stderr(sampled, 4) > binomial_stderr(mu, 400)  # clips, not completions, are the draws
+    assert clip_stderr([]) == 0.0

@@ -57,14 +57,14 @@ class EvalResult:
         return sum(r["num_tokens"] for r in self.rows) / len(self.rows) if self.rows else 0.0
 
     def by_category(self) -> dict[str, dict[str, float]]:
-        """{category: {n, accuracy, format_rate}} over completions; {} when no row has a category."""
+        """{category: {n clips, accuracy, accuracy_stderr, format_rate}}; {} when no row has a category."""
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in self.rows:
             if r.get("category") is not None:
                 groups.setdefault(str(r["category"]), []).append(r)
         return {
-            name: {"n": len(g), "accuracy": sum(r["correct"] for r in g) / len(g),
-                   "format_rate": sum(r["formatted"] for r in g) / len(g)}
+            name: {"n": len(g) // self.per_clip, "accuracy": sum(r["correct"] for r in g) / len(g),
+                   "accuracy_stderr": clip_stderr(g, self.per_clip), "format_rate": sum(r["formatted"] for r in g) / len(g)}
             for name, g in sorted(groups.items())
         }
 
@@ -76,13 +76,30 @@ class EvalResult:
 
     @property
     def stderr(self) -> float:
-        """Standard error of the accuracy over samples (binomial approximation)."""
-        return binomial_stderr(self.accuracy, self.n)
+        """Standard error of the accuracy over clips (the clips are the independent draws)."""
+        return clip_stderr(self.rows, self.per_clip)
+
+    @property
+    def per_clip(self) -> int:
+        """Completions per clip (1 when greedy)."""
+        return max(len(self.rows) // self.n, 1) if self.n else 1
 
 
 def binomial_stderr(p: float, n: float) -> float:
     """Standard error of an accuracy p measured on n independent clips (0 when n is 0)."""
     return (p * (1 - p) / n) ** 0.5 if n else 0.0
+
+
+def clip_stderr(rows: Sequence[dict[str, Any]], per_clip: int = 1) -> float:
+    """Standard error of the mean correctness over clips, whose `per_clip` completions are
+    consecutive rows: each clip's fraction correct, population variance over clips (with one
+    completion per clip this is the binomial sqrt(p (1 - p) / n))."""
+    means = [sum(float(r["correct"]) for r in rows[i : i + per_clip]) / per_clip
+             for i in range(0, len(rows) - per_clip + 1, per_clip)]
+    if not means:
+        return 0.0
+    mu = sum(means) / len(means)
+    return (sum((m - mu) ** 2 for m in means) / len(means) / len(means)) ** 0.5
 
 
 def prompt_tensor(tokenizer: Any, question: str, mode: str) -> torch.Tensor:

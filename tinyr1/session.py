@@ -34,7 +34,7 @@ from tinyr1.config_validate import check_trainable
 from tinyr1.context import Context, build_context, frames_loader, load_split, total_steps
 from tinyr1.data import Sample
 from tinyr1.errors import DiskError
-from tinyr1.evaluate import EvalResult, binomial_stderr, evaluate
+from tinyr1.evaluate import EvalResult, evaluate
 from tinyr1.feed import SampleFeeder
 from tinyr1.log import QuietLogger, RunLogger, read_eval
 from tinyr1.model.loading import trainable_parameters
@@ -206,12 +206,14 @@ def held_out_accuracy(ctx: Context, samples: list[Sample], load: Callable[[Sampl
     sampled = gather_eval(evaluate(ctx.model, ctx.tokenizer, samples[start:end], temperature=ro.temperature,
                                    num_samples=num_samples, top_k=ro.top_k, top_p=ro.top_p, **common), num_samples)
     out: dict[str, Any] = {"accuracy": greedy.accuracy, "accuracy_stderr": greedy.stderr,
-                           "format_rate": greedy.format_rate, "sampled_accuracy": sampled.accuracy, "n": greedy.n}
+                           "format_rate": greedy.format_rate, "sampled_accuracy": sampled.accuracy,
+                           "sampled_accuracy_stderr": sampled.stderr, "n": greedy.n}
     sampled_by = sampled.by_category()
-    if sampled_by:  # {category: {n clips, greedy accuracy, its standard error, sampled accuracy}}
+    if sampled_by:  # {category: {n clips, greedy accuracy and its standard error, the same sampled}}
         out["by_category"] = {
-            name: {"n": int(g["n"]), "accuracy": g["accuracy"], "accuracy_stderr": binomial_stderr(g["accuracy"], g["n"]),
-                   "sampled_accuracy": sampled_by[name]["accuracy"]}
+            name: {"n": int(g["n"]), "accuracy": g["accuracy"], "accuracy_stderr": g["accuracy_stderr"],
+                   "sampled_accuracy": sampled_by[name]["accuracy"],
+                   "sampled_accuracy_stderr": sampled_by[name]["accuracy_stderr"]}
             for name, g in greedy.by_category().items()
         }
     if greedy.skipped:

@@ -104,18 +104,17 @@ def _sequence_video(rng: np.random.Generator, names: list[str], frames: int, siz
 
 
 def _render_order(last: bool) -> Render:
-    """The square shows all four colours, one run each in a random order; the answer k is the first
-    (or last) run's colour. Each colour fills a quarter of the frames on average, so one frame
-    chosen at random tells nothing about which came first: only the order of frames does."""
+    """The square changes colour once, at a random frame; the answer k is its first (or last)
+    colour, the other colour is random. One frame shows one of the two colours, so it narrows the
+    answer to two (at best 0.5 correct, chance 0.25); only the order of the frames tells which."""
 
     def render(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
         names = list(PALETTE)
-        answer = names[k]
-        rest = [names[int(i)] for i in rng.permutation([j for j in range(len(names)) if j != k])]
-        order = rest + [answer] if last else [answer] + rest
+        other = names[(k + int(rng.integers(1, len(names)))) % len(names)]
+        order = [other, names[k]] if last else [names[k], other]
         video = _sequence_video(rng, order, frames, size)
-        return video, {"first": order[0], "second": order[1], "before": order[-2], "last": order[-1],
-                       "Before": order[-2].capitalize()}
+        return video, {"first": order[0], "second": order[1], "before": order[0], "last": order[1],
+                       "Before": order[0].capitalize()}
 
     return render
 

@@ -208,11 +208,11 @@ def _probe(args: argparse.Namespace) -> int:
     size = model.cfg.image_size
     with console.status(f"probing {len(train)} training and {len(held_out)} held-out clips ..."):
         results = probe_tasks(model, train, held_out, lambda s: load_frames(s.video, args.frames, size))
-    table = Table(title=f"linear probe on the vision features ({args.frames} frames, held-out accuracy ± se)")
-    for col in ("task", "category", "chance", "one random frame", "all frames", "clips (train / eval)"):
+    table = Table(title=f"linear probe on the vision features: held-out accuracy ± se ({args.frames} frames)")
+    for col in ("task", "category", "chance", "1 frame", "all frames", "train/eval"):
         table.add_column(col, justify="left" if col in ("task", "category") else "right")
     for r in results:
         table.add_row(r.task, r.category, f"{r.chance:.2f}", f"{r.one_frame:.3f} ± {r.one_frame_stderr:.3f}",
-                      f"{r.all_frames:.3f} ± {r.all_frames_stderr:.3f}", f"{r.n_train} / {r.n_eval}")
+                      f"{r.all_frames:.3f} ± {r.all_frames_stderr:.3f}", f"{r.n_train}/{r.n_eval}")
     console.print(table)
     return 0
