@@ -224,3 +224,42 @@ def test_summary_shows_the_step_peak_beside_the_runs() -> None:
     assert both == "peak 1.00 GiB step / 3.00 GiB run"
     assert RunLogger.summary({PEAK_MEMORY: 3 * 1024**3}) == "peak 3.00 GiB"
     assert RunLogger.summary({PEAK_MEMORY_STEP: 1024**3}) == "peak 1.00 GiB step"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR width, height
+
+
+def test_per_category_evaluations_reach_the_log_the_report_and_the_curves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside table cells
+    run = tmp_path / "run"
+    write_run(run, 20)
+    console, buf = quiet_console()
+    with RunLogger(run, 20, completions_every=0, num_completions=0, console=console, start_step=20) as log:
+        for step, (a, b) in ((0, (0.31, 0.62)), (10, (0.52, 0.7)), (20, (0.83, 0.91))):
+            log.log_eval(step, {
+                "accuracy": (a + b) / 2, "accuracy_stderr": 0.02, "sampled_accuracy": a, "sampled_accuracy_stderr": 0.01,
+                "n": 200, "by_category": {
+                    "order": {"n": 100, "accuracy": a + 0.05, "accuracy_stderr": 0.03, "sampled_accuracy": a,
+                              "sampled_accuracy_stderr": 0.02},
+                    "colour": {"n": 100, "accuracy": b, "accuracy_stderr": 0.03, "sampled_accuracy": b - 0.01,
+                               "sampled_accuracy_stderr": 0.02}}})
+    assert "greedy/sampled by category: order 0.360/0.310, colour 0.620/0.610" in buf.getvalue()
+    assert read_eval(run)[-1]["by_category"]["colour"]["sampled_accuracy"] == pytest.approx(0.9)
+    out = tmp_path / "report.png"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy by category" in text
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]] for line in text.splitlines()
+            if line.count("│") == 8}
+    assert rows["order"] == ["100", "0.360 ± 0.030", "0.880 ± 0.030", "0.310 ± 0.020", "0.830 ± 0.020", "+0.520"]
+    assert rows["colour"][0:2] == ["100", "0.620 ± 0.030"] and rows["colour"][-1] == "+0.290"
+    sparse = tmp_path / "sparse"  # no categories: four panels, a shorter figure
+    write_run(sparse, 20)
+    with RunLogger(sparse, 20, completions_every=0, num_completions=0, console=console, start_step=20) as log:
+        log.log_eval(0, {"accuracy": 0.3})
+    width, height = _png_size(out)
+    assert _png_size(plot_run(sparse, tmp_path / "four.png")) == (width, 825) and height == 1210

@@ -102,13 +102,13 @@ def handler(args: argparse.Namespace) -> int:
             f"{k} {_fmt(float(v))}" for k, v in ev.items() if k != "step" and isinstance(v, int | float)
         )
         console.print(f"eval after {ev['step']} GRPO steps: {parts}")
-    _category_table(read_eval(args.run_dir), console)
+    category_table(read_eval(args.run_dir), console)
     out = plot_run(args.run_dir, args.out)
     console.print(f"curves: {out}")
     return 0
 
 
-def _category_table(evals: list[dict[str, Any]], console: Any) -> None:
+def category_table(evals: list[dict[str, Any]], console: Any) -> None:
     """Held-out accuracy per category at the first and last evaluation (greedy ± se, sampled)."""
     from rich.table import Table
 
@@ -124,6 +124,11 @@ def _category_table(evals: list[dict[str, Any]], console: Any) -> None:
         if b is None:
             continue
         table.add_row(name, str(int(b["n"])), f"{a['accuracy']:.3f} ± {a['accuracy_stderr']:.3f}",
-                      f"{b['accuracy']:.3f} ± {b['accuracy_stderr']:.3f}", f"{a['sampled_accuracy']:.3f}",
-                      f"{b['sampled_accuracy']:.3f}", f"{b['sampled_accuracy'] - a['sampled_accuracy']:+.3f}")
+                      f"{b['accuracy']:.3f} ± {b['accuracy_stderr']:.3f}", _with_se(a, "sampled_accuracy"),
+                      _with_se(b, "sampled_accuracy"), f"{b['sampled_accuracy'] - a['sampled_accuracy']:+.3f}")
     console.print(table)
+
+
+def _with_se(row: dict[str, Any], key: str) -> str:
+    se = row.get(f"{key}_stderr")
+    return f"{row[key]:.3f}" + (f" ± {se:.3f}" if isinstance(se, int | float) else "")

@@ -216,6 +216,7 @@ def print_eval_summary(run_dir: Path, samples: int, console: Console) -> None:
     side, with standard errors; `samples` completions per clip made the sampled accuracy."""
     from rich.table import Table
 
+    from tinyr1.cli.report import category_table
     from tinyr1.log import read_eval
 
     rows = read_eval(run_dir)
@@ -226,8 +227,10 @@ def print_eval_summary(run_dir: Path, samples: int, console: Console) -> None:
     for col in ("", "greedy", f"sampled (T, {samples} per clip)", "format"):
         table.add_column(col)
     for name, r in ((f"after cold start (step {first['step']})", first), (f"after GRPO (step {last['step']})", last)):
-        table.add_row(name, f"{r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f}", f"{r['sampled_accuracy']:.3f}",
+        sampled_se = f" ± {r['sampled_accuracy_stderr']:.3f}" if "sampled_accuracy_stderr" in r else ""
+        table.add_row(name, f"{r['accuracy']:.3f} ± {r['accuracy_stderr']:.3f}", f"{r['sampled_accuracy']:.3f}{sampled_se}",
                       f"{r['format_rate']:.3f}")
     table.add_row("GRPO gain", f"{last['accuracy'] - first['accuracy']:+.3f}",
                   f"{last['sampled_accuracy'] - first['sampled_accuracy']:+.3f}", "")
     console.print(table)
+    category_table(rows, console)
