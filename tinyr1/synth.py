@@ -163,13 +163,16 @@ _DIRECTION_ENDS = {0: ("right", "left"), 1: ("left", "right"), 2: ("bottom", "to
 
 
 def _render_direction(rng: np.random.Generator, k: int, frames: int, size: int) -> tuple[np.ndarray, dict[str, str]]:
-    """One square crossing the frame: k = left, right, up, down."""
+    """One square crossing the frame: k = left, right, up, down. The fixed coordinate is drawn from
+    the moving one's stops, so one frame's (x, y) has the same distribution whichever way it moves
+    (drawn from all pixels, a coordinate on the stops' grid gave the axis away: a one-frame probe
+    read 0.40 of the answers, chance 0.25)."""
     video, side = _canvas(rng, frames, size), max(4, size // 4)
     color = _random_color(rng)
     track = np.linspace(0, size - side, frames).round().astype(int)  # start edge -> end edge
+    other = int(track[int(rng.integers(frames))])
     if k in (0, 2):
         track = track[::-1]
-    other = int(rng.integers(0, size - side + 1))
     for t in range(frames):
         x, y = (int(track[t]), other) if k in (0, 1) else (other, int(track[t]))
         _draw(video, t, x, y, side, color)
