@@ -21,6 +21,7 @@ tinyr1 - reinforce a small video language model's reasoning with GRPO on one GPU
 
 Typical session:
   tinyr1 train --preset tiny                       # CPU demo: synthetic videos, tiny model
+  tinyr1 train --preset tiny-video                 # CPU demo of questions one frame cannot answer
   tinyr1 doctor                                    # is this machine ready? versions, GPU kernels, 2 GRPO steps
   tinyr1 presets list                              # what presets exist
   tinyr1 presets show 24gb                         # every resolved value, explained

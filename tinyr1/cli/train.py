@@ -21,6 +21,9 @@ examples:
   tinyr1 train --preset tiny
       CPU demo: makes a tiny random checkpoint + synthetic videos, cold start, GRPO, evaluation
       (about 2.5 minutes on 2 cores; add --threads 1 when the machine is busy with other work)
+  tinyr1 train --preset tiny-video
+      CPU demo of video reasoning: which colour came first / last, which no single frame tells;
+      prints held-out accuracy per question category before and after GRPO (under 10 minutes)
   tinyr1 train --preset 24gb --set data.train=nextqa_0-30s.jsonl --set data.video_root=videos/
       the paper's recipe with LoRA on one 24 GB GPU
   tinyr1 train --config my.toml --set rollout.num_generations=4 --set train.lr=2e-5
