@@ -25,11 +25,14 @@ def test_tiny_demo_grpo_raises_held_out_accuracy(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     assert first["step"] == 0 and last["step"] == 200 and first["n"] == last["n"] == 500
-    # greedy accuracy: the gain must exceed 3 standard errors of the difference (not noise)
-    gain = last["accuracy"] - first["accuracy"]
-    se = math.hypot(first["accuracy_stderr"], last["accuracy_stderr"])
-    assert gain > 3 * se, f"greedy {first['accuracy']:.3f} -> {last['accuracy']:.3f} (se of gain {se:.3f})"
-    assert last["sampled_accuracy"] > first["sampled_accuracy"] + 0.05
+    # sampled accuracy (what GRPO optimizes): the gain must exceed 3 standard errors of the
+    # difference (not noise). Greedy must not fall: the cold start already gets it near 1 with the
+    # tokenizer that covers the temporal questions (docs/BENCHMARKS.md, "Tiny demo").
+    gain = last["sampled_accuracy"] - first["sampled_accuracy"]
+    se = math.hypot(first["sampled_accuracy_stderr"], last["sampled_accuracy_stderr"])
+    assert gain > 3 * se and gain > 0.1, (
+        f"sampled {first['sampled_accuracy']:.3f} -> {last['sampled_accuracy']:.3f} (se of gain {se:.3f})")
+    assert last["accuracy"] >= first["accuracy"] - 2 * math.hypot(first["accuracy_stderr"], last["accuracy_stderr"])
     assert last["format_rate"] >= 0.95
     assert "GRPO gain" in proc.stdout and "after cold start" in proc.stdout
 

@@ -20,7 +20,7 @@ EPILOG = """\
 examples:
   tinyr1 train --preset tiny
       CPU demo: makes a tiny random checkpoint + synthetic videos, cold start, GRPO, evaluation
-      (about 2.5 minutes on 2 cores; add --threads 1 when the machine is busy with other work)
+      (a few minutes on 2 cores; add --threads 1 when the machine is busy with other work)
   tinyr1 train --preset tiny-video
       CPU demo of video reasoning: which colour came first / last, which no single frame tells;
       prints held-out accuracy per question category before and after GRPO (under 10 minutes)
