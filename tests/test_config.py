@@ -280,3 +280,14 @@ def test_cli_list_and_show(
     assert main(["presets", "show", "16gb", "--set", "lora.rank=3"]) == 2
     assert "did you mean 'r'?" in capsys.readouterr().err
 
+
+
+def test_synth_tasks_are_checked_and_groups_expand() -> None:
+    from tinyr1.synth import expand_tasks
+
+    cfg = load_config("tiny-video")
+    assert cfg.data.synth_tasks == ["first", "last"] and cfg.data.synth_coldstart_n == 64
+    with pytest.raises(ConfigError, match=r"data.synth_tasks has unknown task\(s\) 'colour'.*fix: choose from color,"):
+        load_config("tiny", ['data.synth_tasks=["colour", "temporal"]'])
+    assert load_config("tiny", ['data.synth_tasks=["temporal"]']).data.synth_tasks == ["temporal"]
+    assert expand_tasks(["color", "temporal", "first"]) == ["color", "first", "last", "direction", "changes"]
