@@ -12,15 +12,21 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.slow
-def test_tiny_demo_grpo_raises_held_out_accuracy(tmp_path: Path) -> None:
+def train_preset(preset: str, tmp_path: Path, *, timeout: int) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`tinyr1 train --preset PRESET` as a user runs it, from the empty folder tmp_path; (run dir, process)."""
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "tinyr1", "train", "--preset", "tiny", "--set", f"train.output_dir={run}",
+        [sys.executable, "-m", "tinyr1", "train", "--preset", preset, "--set", f"train.output_dir={run}",
          "--set", "log.progress=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+        cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc
+
+
+@pytest.mark.slow
+def test_tiny_demo_grpo_raises_held_out_accuracy(tmp_path: Path) -> None:
+    run, proc = train_preset("tiny", tmp_path, timeout=1800)
     assert (tmp_path / ".tinyr1_cache" / "tiny" / "model" / "config.json").is_file()
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
@@ -42,13 +48,7 @@ def test_tiny_video_demo_grpo_learns_the_order_of_frames(tmp_path: Path) -> None
     """The temporal demo: held-out sampled accuracy (what GRPO optimizes) on questions one frame
     cannot answer must rise by more than 3 standard errors of the difference, and end above what
     one frame can give (0.5: one frame shows one of the two colours), greedy likewise."""
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tinyr1", "train", "--preset", "tiny-video", "--set", f"train.output_dir={run}",
-         "--set", "log.progress=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=2400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run, proc = train_preset("tiny-video", tmp_path, timeout=2400)
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     assert [r["step"] for r in rows] == [0, 60, 120] and first["n"] == last["n"] == 500

@@ -20,11 +20,11 @@ from tinyr1.log import (
     RunLogger,
     format_bytes,
     peak_memory_bytes,
-    plot_run,
     read_eval,
     read_metrics,
     step_peak_memory_bytes,
 )
+from tinyr1.plots import plot_run
 
 MiB = 2**20
 

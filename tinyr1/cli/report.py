@@ -67,7 +67,8 @@ def handler(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tinyr1.errors import CheckpointError
-    from tinyr1.log import format_duration, plot_run, read_eval, read_metrics
+    from tinyr1.log import format_duration, read_eval, read_metrics
+    from tinyr1.plots import plot_run
 
     console = Console()
     rows = read_metrics(args.run_dir)
